@@ -35,3 +35,345 @@ def test_input_txt_has_the_speaker_speech_layout():
     assert len(blocks) > 5000
     assert len(speeches) / len(blocks) > 0.7, "most blocks should be 'NAME:' then the speech"
     assert "Gutenberg" not in text and "\n\n\n" not in text
+
+
+# ---- gpt.py ----
+import math  # noqa: E402
+import signal  # noqa: E402
+
+import gpt  # noqa: E402  (first: it silences torch's warning about numpy, which we never use)
+import torch  # noqa: E402
+
+# Tiny models gain nothing from threads, and two busy processes on few cores crawl when each spins up
+# a thread per core: one thread each, here and in the scripts the tests start.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
+
+SHAKESPEARE_BIT = ("FIRST CITIZEN:\nBefore we proceed any further, hear me speak.\n\nALL:\nSpeak, speak.\n\n"
+                   "FIRST CITIZEN:\nYou are all resolved rather to die than to famish?\n\n") * 40
+
+
+def tiny_gpt(**overrides):
+    cfg = dict(block_size=16, n_layer=2, n_head=4, n_embd=32, vocab_size=23, dropout=0.0)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return gpt.GPT(gpt.GPTConfig(**cfg)).eval()
+
+
+def run_gpt(args, cwd, check=True, timeout=120):
+    """gpt.py in a subprocess, as a user runs it."""
+    result = subprocess.run([sys.executable, str(REPO / "gpt.py"), *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+              "--eval-iters", "2", "--warmup-iters", "2", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("variant", [{}, {"rope": True}, {"n_kv_head": 2}, {"n_kv_head": 1, "rope": True}])
+def test_gpt_is_causal(variant):
+    model = tiny_gpt(**variant)
+    idx = torch.randint(0, 23, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % 23  # change the future from position 9 on
+    logits, _ = model(idx)
+    logits_changed, _ = model(changed)
+    assert torch.equal(logits[:, :9], logits_changed[:, :9])
+    assert not torch.allclose(logits[:, 9:], logits_changed[:, 9:])
+
+
+def explicit_attention(attn, x):
+    """The textbook formula, written out: softmax(q k^T / sqrt(d) + causal mask) v, k/v heads repeated."""
+    B, T, C = x.shape
+    hd, nh, nkv = attn.head_dim, attn.n_head, attn.n_kv_head
+    q, k, v = attn.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+    q = q.view(B, T, nh, hd).transpose(1, 2)
+    k = k.view(B, T, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+    v = v.view(B, T, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hd)  # (B, nh, T, T)
+    future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_sdpa_attention_equals_explicit_masked_softmax(n_kv_head):
+    model = tiny_gpt(n_kv_head=n_kv_head)
+    attn = model.blocks[0].attn
+    x = torch.randn(3, 16, 32)
+    torch.testing.assert_close(attn(x), explicit_attention(attn, x), atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_equals_multi_head_attention_with_shared_kv_weights():
+    """K key/value heads shared by groups of query heads == full multi-head attention whose k/v
+    heads are copies within each group: GQA only removes the copies."""
+    gqa = tiny_gpt(n_kv_head=2)
+    mha = tiny_gpt(n_kv_head=0)
+    hd, nh, nkv = 8, 4, 2
+    with torch.no_grad():
+        for block_gqa, block_mha in zip(gqa.blocks, mha.blocks):
+            w, b = block_gqa.attn.qkv.weight, block_gqa.attn.qkv.bias
+            wq, wk, wv = w.split([nh * hd, nkv * hd, nkv * hd])
+            bq, bk, bv = b.split([nh * hd, nkv * hd, nkv * hd])
+            repeat = lambda t: t.view(nkv, hd, *t.shape[1:]).repeat_interleave(nh // nkv, 0).reshape(nh * hd, *t.shape[1:])  # noqa: E731
+            block_mha.attn.qkv.weight.copy_(torch.cat([wq, repeat(wk), repeat(wv)]))
+            block_mha.attn.qkv.bias.copy_(torch.cat([bq, repeat(bk), repeat(bv)]))
+        for name, p in mha.named_parameters():
+            if ".attn.qkv." not in name:
+                p.copy_(dict(gqa.named_parameters())[name])
+    idx = torch.randint(0, 23, (2, 16))
+    torch.testing.assert_close(gqa(idx)[0], mha(idx)[0], atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in gqa.parameters()) < sum(p.numel() for p in mha.parameters())
+
+
+def test_kv_cache_shrinks_by_n_head_over_n_kv_head():
+    sizes = {k: gpt.KVCache(tiny_gpt(n_kv_head=k).cfg, 1, "cpu", torch.float32).nbytes() for k in (4, 2, 1)}
+    assert sizes[4] == 2 * sizes[2] == 4 * sizes[1]
+    assert sizes[4] == 2 * 2 * 1 * 4 * 16 * 8 * 4  # k and v, layers, batch, heads, block, head_dim, fp32
+
+
+def test_rope_scores_depend_only_on_the_distance():
+    hd = 16
+    cos, sin = gpt.rope_frequencies(hd, 64)
+    q, k = torch.randn(1, 1, 1, hd), torch.randn(1, 1, 1, hd)
+
+    def score(m, n):  # query at position m, key at position n
+        return (gpt.apply_rope(q, cos[m:m + 1], sin[m:m + 1]) * gpt.apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum()
+
+    for m, n, shift in [(5, 2, 7), (10, 10, 30), (3, 0, 60), (40, 1, 20)]:
+        torch.testing.assert_close(score(m, n), score(m + shift, n + shift), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
+    # a rotation keeps lengths, and position 0 is no rotation at all
+    torch.testing.assert_close(gpt.apply_rope(q, cos[7:8], sin[7:8]).norm(), q.norm())
+    torch.testing.assert_close(gpt.apply_rope(q, cos[:1], sin[:1]), q)
+
+
+def test_initial_loss_is_about_ln_vocab_size():
+    model = tiny_gpt(vocab_size=65, n_embd=64)
+    idx = torch.randint(0, 65, (8, 16))
+    _, loss = model(idx, torch.randint(0, 65, (8, 16)))
+    assert abs(loss.item() - math.log(65)) < 0.1
+
+
+def test_gpt_overfits_a_tiny_batch():
+    model = tiny_gpt().train()
+    x, y = torch.randint(0, 23, (4, 16)), torch.randint(0, 23, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = model(x, y)[1].item()
+    for _ in range(150):
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 3.0 and loss.item() < 0.1
+
+
+def test_learning_rate_schedule_warmup_cosine_floor():
+    cfg = gpt.TrainConfig(learning_rate=1e-3, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
+    lrs = [gpt.learning_rate(step, cfg) for step in range(0, 120)]
+    assert lrs[0] == pytest.approx(1e-4)  # step 0: a tenth of the way up
+    assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)  # end of warmup: the peak
+    assert lrs[60] == pytest.approx(0.55e-3)  # half-way through the cosine: half-way down
+    assert lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)  # end of decay: the floor
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+@pytest.mark.parametrize("variant", [{}, {"rope": True}, {"n_kv_head": 1}, {"rope": True, "n_kv_head": 2}])
+def test_cached_generation_equals_uncached_also_past_block_size(variant):
+    model = tiny_gpt(**variant)
+    prompt = torch.randint(0, 23, (2, 5))
+    cached = model.generate(prompt, 50, temperature=0, use_cache=True)  # 55 tokens > 3 * block_size
+    uncached = model.generate(prompt, 50, temperature=0, use_cache=False)
+    assert cached.shape == (2, 55)
+    assert torch.equal(cached, uncached)
+    long_prompt = torch.randint(0, 23, (1, 40))  # a prompt longer than the context
+    assert torch.equal(model.generate(long_prompt, 20, temperature=0),
+                       model.generate(long_prompt, 20, temperature=0, use_cache=False))
+
+
+def test_cached_logits_equal_uncached_logits():
+    model = tiny_gpt(rope=True, n_kv_head=2)
+    idx = torch.randint(0, 23, (1, 16))
+    full, _ = model(idx)
+    cache = gpt.KVCache(model.cfg, 1, "cpu", torch.float32)
+    steps = [model(idx[:, :6], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(6, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_restores_training_mode():
+    model = tiny_gpt(dropout=0.5).train()
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0)
+    assert model.training and out.shape == (1, 6)
+
+
+def test_sampling_temperature_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    many = logits.expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(gpt.sample_next_token(many, 0.0), torch.zeros(4000, 1, dtype=torch.long))  # greedy
+    assert set(gpt.sample_next_token(many, 1.0, top_k=1, generator=gen).unique().tolist()) == {0}
+    assert set(gpt.sample_next_token(many, 1.0, top_k=2, generator=gen).unique().tolist()) == {0, 1}
+    assert set(gpt.sample_next_token(many, 1.0, top_k=1000, generator=gen).unique().tolist()) == {0, 1, 2, 3}
+    # top-p: 0.5 alone reaches 0.5; 0.5 + 0.3 reach 0.7; 0.95 needs the first three
+    assert set(gpt.sample_next_token(many, 1.0, top_p=0.5, generator=gen).unique().tolist()) == {0}
+    assert set(gpt.sample_next_token(many, 1.0, top_p=0.7, generator=gen).unique().tolist()) == {0, 1}
+    nucleus = gpt.sample_next_token(many, 1.0, top_p=0.95, generator=gen)
+    assert set(nucleus.unique().tolist()) == {0, 1, 2}
+    share = (nucleus == 0).float().mean().item()  # renormalised: 0.5 / 0.95
+    assert abs(share - 0.5 / 0.95) < 0.04
+    hot = gpt.sample_next_token(many, 5.0, generator=gen)  # high temperature flattens
+    cold = gpt.sample_next_token(many, 0.2, generator=gen)  # low temperature sharpens
+    assert (hot == 3).float().mean() > 0.15 and (cold == 0).float().mean() > 0.9
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    model = tiny_gpt(rope=True, n_kv_head=2)
+    cfg = gpt.TrainConfig()
+    optimizer = gpt.make_optimizer(model, cfg, "cpu")
+    tokenizer = gpt.CharTokenizer("abcdefghijklmnopqrstuvw")
+    path = str(tmp_path / "ckpt.pt")
+    gpt.save_checkpoint(path, model, optimizer, model.cfg, cfg, 7, 1.5, tokenizer, torch.Generator())
+    raw = torch.load(path, weights_only=True)  # plain tensors and dicts: no pickle of our classes
+    assert raw["step"] == 7 and raw["tokenizer"] == {"kind": "char", "chars": tokenizer.chars}
+    ckpt, loaded = gpt.load_checkpoint(path, "cpu")
+    idx = torch.randint(0, 23, (2, 16))
+    assert torch.equal(loaded.eval()(idx)[0], model(idx)[0])
+    assert not any(k.startswith("_orig_mod") for k in raw["model"])
+
+
+def test_char_tokenizer_round_trip_and_unknown_character():
+    tok = gpt.CharTokenizer("".join(sorted(set(SHAKESPEARE_BIT))))
+    assert tok.decode(tok.encode("ALL:\nSpeak")) == "ALL:\nSpeak"
+    with pytest.raises(ValueError, match="'Q' is not in the vocabulary"):
+        tok.encode("Quite so")
+
+
+def test_gpt_script_trains_checkpoints_and_samples(tmp_path):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    out = run_gpt(["--input", "tiny.txt", *TINY_FLAGS, "--max-iters", "30", "--eval-interval", "15",
+                   "--log-interval", "10", "--max-new-tokens", "40"], tmp_path).stdout
+    val_losses = [float(v) for v in re.findall(r"val loss ([0-9.]+)", out)]
+    assert len(val_losses) == 3 and val_losses[-1] < val_losses[0]  # steps 0, 15, 30
+    assert re.search(r"step 30: loss [0-9.]+, lr [0-9.e-]+, [0-9.]+ ms/step, [0-9,]+ tokens/s", out)
+    assert "bits/char" in out and "tokens/s" in out.splitlines()[-1]
+    assert (tmp_path / "out" / "ckpt.pt").exists()
+    sample = run_gpt(["--sample", "--prompt", "ALL:", "--max-new-tokens", "30", "--top-k", "5", "--top-p", "0.9"],
+                     tmp_path).stdout
+    assert sample.startswith("ALL:") and set(sample.splitlines()[0]) <= set(SHAKESPEARE_BIT)
+    assert re.search(r"generated 30 tokens in [0-9.]+ s: [0-9]+ tokens/s, KV cache", sample)
+
+
+def test_gpt_stop_and_resume_gives_the_same_losses_as_one_run(tmp_path):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    # a flat learning rate after warmup, so the schedule does not depend on --max-iters; dropout on,
+    # so the saved RNG state matters too
+    flags = ["--input", "tiny.txt", *TINY_FLAGS, "--dropout", "0.1", "--min-lr-ratio", "1.0",
+             "--eval-interval", "1000", "--log-interval", "1", "--max-new-tokens", "0"]
+    step_losses = lambda text: dict(re.findall(r"^step (\d+): loss ([0-9.]+)", text, re.M))  # noqa: E731
+    # 1) a long run, stopped by Ctrl-C (SIGINT) part-way: it saves and exits cleanly
+    proc = subprocess.Popen([sys.executable, str(REPO / "gpt.py"), *flags, "--max-iters", "100000", "--out-dir", "two"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first_part = ""
+    while "step 5: loss" not in first_part:
+        line = proc.stdout.readline()
+        assert line, f"gpt.py ended early:\n{first_part}"
+        first_part += line
+    proc.send_signal(signal.SIGINT)
+    first_part += proc.stdout.read()
+    assert proc.wait(timeout=60) == 0
+    stopped_at = int(re.search(r"interrupted: saved step (\d+)", first_part).group(1))
+    assert stopped_at >= 5
+    # 2) resumed for 20 more steps == one uninterrupted run of the same length
+    end = str(stopped_at + 20)
+    reference = step_losses(run_gpt([*flags, "--max-iters", end, "--out-dir", "one"], tmp_path).stdout)
+    resumed_out = run_gpt([*flags, "--max-iters", end, "--out-dir", "two", "--resume"], tmp_path).stdout
+    assert f"resumed from {os.path.join('two', 'ckpt.pt')} at step {stopped_at}" in resumed_out
+    resumed = step_losses(resumed_out)
+    assert sorted(map(int, resumed)) == list(range(stopped_at + 1, stopped_at + 21))
+    for step, loss in resumed.items():
+        assert loss == reference[step], f"step {step}: resumed {loss} != uninterrupted {reference[step]}"
+    assert step_losses(first_part)["5"] == reference["5"]
+
+
+def test_gpt_data_parallel_with_torchrun_on_cpu(tmp_path):
+    """Two processes, gloo backend: different batches per rank, one averaged loss, one checkpoint."""
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "gpt.py"),
+         "--input", "tiny.txt", *TINY_FLAGS, "--max-iters", "6", "--eval-interval", "3", "--log-interval", "3",
+         "--grad-accum", "2", "--max-new-tokens", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    finished = re.findall(r"rank (\d)/2: finished at step 6; last logged loss ([0-9.]+) on this rank's batches, "
+                          r"([0-9.]+) all-reduced", result.stdout)
+    assert sorted(rank for rank, _, _ in finished) == ["0", "1"]
+    (_, local_0, reduced_0), (_, local_1, reduced_1) = finished
+    assert local_0 != local_1  # each rank drew its own batches
+    assert reduced_0 == reduced_1  # and the all-reduce made them agree
+    assert abs(float(reduced_0) - (float(local_0) + float(local_1)) / 2) < 2e-6
+    assert result.stdout.count("step 6: train loss") == 1  # only rank 0 evaluates and logs
+    assert os.listdir(tmp_path / "out") == ["ckpt.pt"]
+
+
+def gpt_error(argv):
+    """The one-line message gpt.main gives for bad input."""
+    with pytest.raises(ValueError) as info:
+        gpt.main(argv)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_gpt_bad_inputs_give_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "short.txt").write_text("To be, or not to be: that is the question.\n" * 3, encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("Ophélie".encode("latin-1"))
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    assert "missing.txt: no such file" in gpt_error(["--input", "missing.txt"])
+    assert "empty.txt: file is empty" in gpt_error(["--input", "empty.txt"])
+    assert "latin1.txt: not UTF-8" in gpt_error(["--input", "latin1.txt"])
+    assert "needs more than block_size=64" in gpt_error(["--input", "short.txt", "--block-size", "64"])
+    assert "no checkpoint" in gpt_error(["--sample", "--out-dir", "nowhere"])
+    assert "no checkpoint" in gpt_error(["--resume", "--input", "tiny.txt", "--out-dir", "nowhere"])
+
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--max-iters", "2", "--eval-interval", "2", "--max-new-tokens", "0"])
+    assert "'Q' is not in the vocabulary" in gpt_error(["--sample", "--prompt", "Quite so", "--max-new-tokens", "3"])
+    good = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for content in (b"not a checkpoint at all", good[: len(good) // 2]):  # garbage, truncated
+        (bad / "ckpt.pt").write_bytes(content)
+        assert "corrupt or truncated checkpoint" in gpt_error(["--sample", "--out-dir", "bad"])
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    ckpt["model"]["wte.weight"] = torch.zeros(5, 16)  # weights of another model
+    torch.save(ckpt, bad / "ckpt.pt")
+    assert "does not match this gpt.py's model" in gpt_error(["--sample", "--out-dir", "bad"])
+    ckpt["format"] = 999
+    torch.save(ckpt, bad / "ckpt.pt")
+    assert "not a gpt.py checkpoint of format" in gpt_error(["--sample", "--out-dir", "bad"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-embd", "30", "--n-head", "4"], "--n-embd 30 must be divisible by --n-head 4"),
+    (["--batch-size", "-1"], "--batch-size must be positive"),
+    (["--n-kv-head", "3"], "--n-kv-head 3 must divide --n-head 4"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--tokenizer", "words"], "--tokenizer 'words': choose char or bpe"),
+    (["--block-size", "many"], "argument --block-size: invalid int value: 'many'"),
+])
+def test_gpt_bad_flag_values_are_argparse_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        gpt.parse_args(flags)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_gpt_script_prints_errors_as_one_line_without_traceback(tmp_path):
+    result = run_gpt(["--input", "missing.txt"], tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: missing.txt: no such file; pass a text file with --input"
