@@ -346,7 +346,7 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T))
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()  # like no_grad, minus autograd's version bookkeeping: faster per token
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None):
         """Append max_new_tokens sampled tokens to idx (B, T). With the cache, the prompt is processed
         once and then one token per step; without it, the whole context is recomputed every step.
