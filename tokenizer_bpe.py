@@ -1,12 +1,12 @@
 """
-A byte-level BPE tokenizer from scratch, the kind GPT-2 and GPT-4 use.
+A byte-level BPE tokenizer from scratch: how GPT-2 and GPT-4 turn text into token ids.
 
-Text becomes UTF-8 bytes, ids 0..255. Training repeatedly finds the most frequent adjacent
-pair of ids and gives it a new id (merge i gets id 256 + i). Encoding replays the merges in
-the order they were learned; decoding joins the bytes back. A regex first splits the text into
-chunks (words, numbers, punctuation, whitespace) so that no merge crosses a chunk boundary.
+Text becomes UTF-8 bytes, ids 0..255. Training finds the most frequent adjacent pair of ids and
+gives it a new id (merge i gets id 256 + i), again and again. Encoding replays the merges in the
+order they were learned; decoding joins the bytes back. First a regex splits text into chunks
+(words, numbers, punctuation, whitespace), and no merge ever crosses a chunk boundary.
 
-    python tokenizer_bpe.py                       # train vocab 512 on input.txt, print a benchmark
+    python tokenizer_bpe.py                        # vocab 512 on input.txt, prints a benchmark
     python tokenizer_bpe.py --vocab-size 4096 --pattern gpt2 --out out/bpe_gpt2.json
 """
 import argparse
@@ -21,10 +21,11 @@ from collections import Counter, defaultdict
 import regex
 
 # ---------------------------------------------------------------------------------------------
-# Split patterns: the exact strings tiktoken ships (possessive quantifiers, so no backtracking)
+# Split patterns: the exact strings tiktoken ships (possessive ++ and ?+ never backtrack)
 # ---------------------------------------------------------------------------------------------
 
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|"""
+                r"""\s++$|\s+(?!\S)|\s""")
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
                 r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN, "none": None}
@@ -32,9 +33,9 @@ ENDOFTEXT = "<|endoftext|>"
 FORMAT_VERSION = 1
 
 # tiktoken's Rust regex knows Unicode 16.0; the `regex` module knows a newer version. Code points
-# assigned since (these ranges, hex) are letters or digits for `regex` but unassigned for
-# tiktoken, so chunks would split differently around them. Before splitting we replace them with
-# U+FFFF, a code point that is unassigned in every version: both engines then agree.
+# assigned since then (these hex ranges) are letters or digits to `regex` but unassigned to
+# tiktoken, so the two would cut chunks differently around them. Before splitting we replace them
+# by U+FFFF, which is unassigned in every version: then both engines agree.
 NEWER_THAN_UNICODE_16 = """
 558 58B-58C 5C8-5C9 88F B53-B54 C5C CDC 1ACF-1AF0 208F 209D-209F 20C1-20C4 2B96 2E60-2E63
 A7CE-A7CF A7D2 A7D4 A7DD A7E2 A7F1 AB6C-AB6D FBC3-FBD2 FD90-FD91 FDC8-FDCE 107BB-107BF
@@ -46,42 +47,37 @@ A7CE-A7CF A7D2 A7D4 A7DD A7E2 A7F1 AB6C-AB6D FBC3-FBD2 FD90-FD91 FDC8-FDCE 107BB
 1F6D8-1F6D9 1F777-1F77A 1F7DA-1F7DB 1F7F1-1F7FF 1F8D0-1F8D8 1FA54-1FA57 1FA8A-1FA8E 1FAC8
 1FACC-1FACD 1FADD 1FAEA-1FAEB 1FAEF 1FAF9-1FAFA 1FBFA 2B73A-2B73F 2B81E 2CEA2-2CEAD
 323B0-33479 3D000-3FC3F"""
-NEWER_CODE_POINTS = regex.compile("[" + "".join(
-    "-".join("\\U%08x" % int(end, 16) for end in span.split("-"))
-    for span in NEWER_THAN_UNICODE_16.split()) + "]")
-UNICODE_16_LETTER = "\U0001e5d0"  # OL ONAL LETTER O, new in 16.0: a letter to any regex that is new enough
+NEWER_CODE_POINTS = regex.compile("[" + "".join("-".join(
+    chr(int(end, 16)) for end in span.split("-")) for span in NEWER_THAN_UNICODE_16.split()) + "]")
+UNICODE_16_LETTER = "\U0001e5d0"  # OL ONAL LETTER O, new in Unicode 16.0
 
 
 def ascii_twin(pattern):
-    """On ASCII text \p{L} is [A-Za-z] and \p{N} is [0-9]: with those, the stdlib `re` engine
-    splits ASCII text into the same chunks about 3x faster than `regex`."""
-    inside = regex.sub(r"\[[^\]]*\]", lambda m: m[0].replace(r"\p{L}", "A-Za-z").replace(
+    """On ASCII text \\p{L} is [A-Za-z] and \\p{N} is [0-9]; with those the stdlib `re` engine
+    cuts the same chunks about 3x faster than `regex`."""
+    in_sets = regex.sub(r"\[[^\]]*\]", lambda m: m[0].replace(r"\p{L}", "A-Za-z").replace(
         r"\p{N}", "0-9"), pattern)
     try:
-        return re.compile(inside.replace(r"\p{L}", "[A-Za-z]").replace(r"\p{N}", "[0-9]"), re.ASCII)
-    except re.error:  # Python < 3.11: no possessive quantifiers in `re`, so no twin
+        return re.compile(in_sets.replace(r"\p{L}", "[A-Za-z]").replace(r"\p{N}", "[0-9]"),
+                          re.ASCII)
+    except re.error:  # Python < 3.11 has no possessive quantifiers in `re`: no twin
         return None
 
 
 ASCII_TWINS = {pattern: ascii_twin(pattern) for pattern in (GPT4_PATTERN, GPT2_PATTERN)}
 
-
 # ---------------------------------------------------------------------------------------------
-# Pairs and merges
+# Pairs and merges. The convention, the same in every trainer and in encoding: pairs are
+# counted the textbook way, overlaps included ('aaa' holds (a, a) twice), and a merge replaces
+# left to right without overlap ('aaa' becomes [aa, a]).
 # ---------------------------------------------------------------------------------------------
-
-def count_pairs(ids, counts=None):
-    """Count adjacent pairs. Overlaps count the textbook way: 'aaa' holds the pair (a, a) twice."""
-    counts = Counter() if counts is None else counts
-    counts.update(zip(ids, ids[1:]))
-    return counts
 
 
 def merge(ids, pair, new_id):
-    """Replace each occurrence of `pair` by `new_id`, left to right, never overlapping: aaa -> Xa."""
+    """Replace each occurrence of pair in ids by new_id, left to right."""
     out, i = [], 0
     while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
             out.append(new_id)
             i += 2
         else:
@@ -91,31 +87,39 @@ def merge(ids, pair, new_id):
 
 
 def best_pair(counts):
-    """The next merge: the highest count, ties broken by the smallest pair (left_id, right_id)."""
+    """The next merge: the highest count; among equal counts the smallest pair (left, right)."""
     return min(counts, key=lambda pair: (-counts[pair], pair))
 
 
 class BPETokenizer:
     def __init__(self, pattern="gpt4", special_tokens=(ENDOFTEXT,)):
+        """pattern: 'gpt4', 'gpt2', None (no split) or a regex string; special_tokens: their
+        strings, which get the ids after the merges."""
         self.pattern = PATTERNS.get(pattern, pattern) if isinstance(pattern, str) else pattern
-        if self.pattern is not None and not isinstance(self.pattern, str):
-            raise ValueError(f"pattern must be 'gpt4', 'gpt2', None or a regex string, got {pattern!r}")
         try:
-            self._split_regex = regex.compile(self.pattern) if self.pattern is not None else None
-        except regex.error as err:
-            raise ValueError(f"invalid split pattern {self.pattern!r}: {err}") from None
-        self.byte_order = list(range(256))  # id -> byte value of the 256 single-byte tokens
-        self.merges = {}  # (left_id, right_id) -> new_id, in merge order
-        self._set_special_tokens(special_tokens)
+            self._split_regex = None if self.pattern is None else regex.compile(self.pattern)
+        except (regex.error, TypeError) as err:
+            raise ValueError(f"bad split pattern {pattern!r} ({err}): use 'gpt4', 'gpt2', None "
+                             "or a valid regex string") from None
+        self._install(range(256), [], {name: 256 + i for i, name in enumerate(special_tokens)})
 
-    # ---- the derived tables: everything else follows from byte_order, merges, specials ----
-
-    def _set_special_tokens(self, names, first_id=None):
-        first_id = 256 + len(self.merges) if first_id is None else first_id
-        self.special_tokens = {name: first_id + i for i, name in enumerate(names)}
-        self._rebuild()
-
-    def _rebuild(self):
+    def _install(self, byte_order, merges, special_tokens):
+        """Check and set the state, then derive the vocabulary (id -> bytes) from it."""
+        if sorted(byte_order) != list(range(256)):
+            raise ValueError("byte_order must hold each of the 256 byte values once")
+        for i, pair in enumerate(merges):
+            if len(pair) != 2 or not all(type(x) is int and 0 <= x < 256 + i for x in pair):
+                raise ValueError(f"merge {i} {pair!r} does not join two ids that exist before it")
+        if len(set(map(tuple, merges))) != len(merges):
+            raise ValueError("a pair is merged twice")
+        n_ids, special_ids = 256 + len(merges), list(special_tokens.values())
+        if not all(type(i) is int and i >= n_ids for i in special_ids) or len(set(special_ids)) < \
+                len(special_ids):
+            raise ValueError(f"special token ids {special_ids} must be distinct and >= {n_ids}, "
+                             "after the merged tokens")
+        self.byte_order = list(byte_order)  # id -> byte value, for ids 0..255
+        self.merges = {tuple(pair): 256 + i for i, pair in enumerate(merges)}
+        self.special_tokens = {str(name): i for name, i in special_tokens.items()}
         self.vocab = {i: bytes([b]) for i, b in enumerate(self.byte_order)}
         for (left, right), new_id in self.merges.items():
             self.vocab[new_id] = self.vocab[left] + self.vocab[right]
@@ -131,55 +135,53 @@ class BPETokenizer:
         if ascii_twin and text.isascii():
             chunks = ascii_twin.findall(text)
         elif not text.isascii() and NEWER_CODE_POINTS.search(text):
-            masked = NEWER_CODE_POINTS.sub("\uffff", text)  # same length, so the spans carry over
+            masked = NEWER_CODE_POINTS.sub("\uffff", text)  # same length: the spans carry over
             chunks = [text[m.start():m.end()] for m in self._split_regex.finditer(masked)]
         else:
             chunks = self._split_regex.findall(text)
         if sum(map(len, chunks)) != len(text):
-            raise ValueError(f"split pattern {self.pattern!r} skips some of the text: "
-                             "it must match every character (end it with an alternative like |\\s)")
+            raise ValueError(f"split pattern {self.pattern!r} skips some text: it must match every "
+                             "character (end it with an alternative such as |\\s)")
         return chunks
 
-    # ---- training: the definition, then the same result fast ----
+    # ---- training: the definition, then the same merges fast ----
 
-    def _check_training(self, text, vocab_size):
-        if not isinstance(vocab_size, int) or vocab_size < 257:
+    def _start_training(self, text, vocab_size):
+        if type(vocab_size) is not int or vocab_size < 257:
             raise ValueError(f"vocab_size must be an integer >= 257 (256 bytes + at least one "
                              f"merge), got {vocab_size!r}")
         if not isinstance(text, str) or not text:
-            raise ValueError("cannot train on empty text: give some text to learn merges from")
-        self.byte_order, self.merges = list(range(256)), {}
+            raise ValueError("cannot train on empty text: give it some text to learn merges from")
         return vocab_size - 256
 
-    def _finish_training(self, merges, wanted, vocab_size):
-        self.merges = merges
-        if len(merges) < wanted:
-            print(f"training stopped early at vocab size {256 + len(merges)} of {vocab_size}: "
-                  "no pair occurs twice any more (give more text or ask for a smaller vocab)")
-        self._set_special_tokens(list(self.special_tokens))
+    def _finish_training(self, merges, vocab_size):
+        if 256 + len(merges) < vocab_size:
+            print(f"training stopped early at vocab size {256 + len(merges)} of {vocab_size}: no "
+                  "pair occurs twice any more (give more text or ask for a smaller vocab)")
+        first_special = 256 + len(merges)
+        self._install(range(256), list(merges),
+                      {name: first_special + i for i, name in enumerate(self.special_tokens)})
 
     def train_naive(self, text, vocab_size):
-        """The textbook algorithm: count all pairs, merge the most frequent, repeat. Slow."""
-        n_merges = self._check_training(text, vocab_size)
+        """The definition: count all pairs, merge the most frequent everywhere, repeat. Slow."""
+        n_merges = self._start_training(text, vocab_size)
         chunks = [list(chunk.encode("utf-8")) for chunk in self.split(text)]
         merges = {}
         while len(merges) < n_merges:
-            counts = Counter()
-            for ids in chunks:
-                count_pairs(ids, counts)
+            counts = Counter(pair for ids in chunks for pair in zip(ids, ids[1:]))
             if not counts or max(counts.values()) < 2:
                 break
             pair, new_id = best_pair(counts), 256 + len(merges)
             chunks = [merge(ids, pair, new_id) for ids in chunks]
             merges[pair] = new_id
-        self._finish_training(merges, n_merges, vocab_size)
+        self._finish_training(merges, vocab_size)
 
     def train(self, text, vocab_size, verbose=False):
-        """Same merges as train_naive, fast: after one pass over the text, each merge touches
-        only the places where its pair occurs."""
-        n_merges = self._check_training(text, vocab_size)
-        # 1) Each distinct chunk once, weighted by how often it occurs. All chunks sit in one
-        #    list of ids, linked by nxt/prv (-1 ends a chunk) so a merge is O(1) in place.
+        """The same merges as train_naive, fast: after one pass over the text, each merge
+        touches only the places where its pair occurs."""
+        n_merges = self._start_training(text, vocab_size)
+        # 1) Each distinct chunk once, weighted by how often it occurs. The chunks lie end to end
+        #    in one list of ids, linked by nxt/prv (-1 ends a chunk): a merge is O(1) in place.
         ids, weight, nxt, prv = [], [], [], []
         pair_counts, where = defaultdict(int), defaultdict(list)  # where: pair -> positions
         for chunk, count in Counter(self.split(text)).items():
@@ -190,15 +192,15 @@ class BPETokenizer:
             nxt += range(start + 1, end + 1)
             prv += range(start - 1, end - 1)
             nxt[-1] = prv[start] = -1
-            # 2) Count every pair once, weighted, and remember where it starts.
+            # 2) Count each pair once, weighted, and remember where it starts.
             for p, pair in enumerate(zip(chunk_ids, chunk_ids[1:]), start):
                 pair_counts[pair] += count
                 where[pair].append(p)
-        # 3) A heap keyed (-count, pair) pops the best pair. Entries go stale as counts change:
-        #    every increase pushes a fresh entry; a stale entry is re-pushed when it surfaces.
+        # 3) A heap of (-count, pair) gives the best pair first. Counts change after each merge:
+        #    a rise pushes a fresh entry, and an entry gone stale is fixed when it reaches the top.
         heap = [(-count, pair) for pair, count in pair_counts.items()]
         heapq.heapify(heap)
-        merges = {}
+        merges, vocab = {}, {i: bytes([i]) for i in range(256)}
         while len(merges) < n_merges and heap:
             neg_count, pair = heap[0]
             count = pair_counts.get(pair, 0)
@@ -208,11 +210,11 @@ class BPETokenizer:
             if count < 2:
                 break
             new_id = merges[pair] = 256 + len(merges)
-            # 4) Merge in place and change only the neighbours' counts:
+            # 4) Merge in place, changing only the counts next to each occurrence:
             #    in x a b y, the pairs (x,a) (a,b) (b,y) become (x,new) (new,y).
             a, b = pair
             positions = where.pop(pair)
-            if a == b:  # runs like aaa overlap: merge left to right, as merge() does
+            if a == b:  # runs like aaa overlap: merge them left to right, as merge() does
                 positions = sorted(positions)
             delta = defaultdict(int)
             for p in positions:
@@ -235,60 +237,53 @@ class BPETokenizer:
                     prv[right] = p
                 ids[p], ids[q], nxt[p] = new_id, -1, right
             for changed, d in delta.items():
-                if d:
-                    count = pair_counts[changed] + d
-                    if count:
-                        pair_counts[changed] = count
-                    else:
-                        del pair_counts[changed]
-                    if d > 0 and count > 1:  # a pair seen once can never be the best
-                        heapq.heappush(heap, (-count, changed))
-            if verbose and (len(merges) % max(1, n_merges // 10) == 0 or len(merges) == n_merges):
-                token = (self._token_bytes(merges, pair)).decode("utf-8", "replace")
-                print(f"merge {len(merges):5d}/{n_merges}: {token!r} (count {-neg_count})")
-        self._finish_training(merges, n_merges, vocab_size)
-
-    def _token_bytes(self, merges, pair):
-        """Bytes of the token made by `pair` (vocab is not rebuilt during training)."""
-        inverse = {new_id: p for p, new_id in merges.items()}
-        def expand(i):
-            return bytes([i]) if i < 256 else expand(inverse[i][0]) + expand(inverse[i][1])
-        return expand(pair[0]) + expand(pair[1])
+                count = pair_counts[changed] + d
+                if count:
+                    pair_counts[changed] = count
+                else:
+                    del pair_counts[changed]
+                if d > 0 and count > 1:  # a pair seen once can never be the best
+                    heapq.heappush(heap, (-count, changed))
+            vocab[new_id] = vocab[a] + vocab[b]
+            done = len(merges)
+            if verbose and (done % max(1, n_merges // 10) == 0 or done == n_merges):
+                print(f"merge {done:5d}/{n_merges}: {show(vocab[new_id])} (count {-neg_count})")
+        self._finish_training(merges, vocab_size)
 
     # ---- encoding and decoding ----
 
     def _merge_chunk(self, ids):
-        """Apply the merges to one chunk: the earliest-learned pair first, leftmost first."""
+        """Apply the merges to one chunk's ids: the earliest-learned pair first, then leftmost.
+        A heap of (merge id, position) over a linked list keeps long chunks O(n log n)."""
         merges = self.merges
         heap = [(merges[pair], i) for i, pair in enumerate(zip(ids, ids[1:])) if pair in merges]
-        if not heap:
-            return ids
         heapq.heapify(heap)
-        # ids becomes a linked list: merged-away slots hold None, nxt/prv skip over them.
         n = len(ids)
         nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
         while heap:
             new_id, i = heapq.heappop(heap)
             j = nxt[i]
-            if ids[i] is None or j >= n or merges.get((ids[i], ids[j])) != new_id:
-                continue  # stale: this pair was changed by an earlier merge
+            if ids[i] is None or j == n or merges.get((ids[i], ids[j])) != new_id:
+                continue  # stale: an earlier merge changed this place
             ids[i], ids[j] = new_id, None
             nxt[i] = k = nxt[j]
             if k < n:
                 prv[k] = i
-                right = merges.get((new_id, ids[k]))
-                if right is not None:
-                    heapq.heappush(heap, (right, i))
+                if (new_id, ids[k]) in merges:
+                    heapq.heappush(heap, (merges[new_id, ids[k]], i))
             h = prv[i]
-            if h >= 0:
-                left = merges.get((ids[h], new_id))
-                if left is not None:
-                    heapq.heappush(heap, (left, h))
+            if h >= 0 and (ids[h], new_id) in merges:
+                heapq.heappush(heap, (merges[ids[h], new_id], h))
         return [x for x in ids if x is not None]
 
     def encode_ordinary(self, text):
-        """Encode text, treating special-token strings as plain text."""
-        cache, ids = {}, []  # a text repeats chunks a lot: merge each distinct chunk once
+        """Text -> ids, with special-token strings treated as plain text."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates become U+FFFD, as in tiktoken
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        cache, ids = {}, []  # text repeats its chunks a lot: merge each distinct chunk once
         for chunk in self.split(text):
             chunk_ids = cache.get(chunk)
             if chunk_ids is None:
@@ -298,31 +293,29 @@ class BPETokenizer:
         return ids
 
     def encode(self, text, allowed_special="none_raise"):
-        """Text -> ids. allowed_special: 'all', 'none' (plain text), 'none_raise' (the default:
-        error if the text holds a special token), or a set of the special tokens to allow."""
-        if allowed_special == "all":
-            allowed = set(self.special_tokens)
-        elif allowed_special in ("none", "none_raise"):
-            allowed = set()
-        elif isinstance(allowed_special, str) or not set(allowed_special) <= set(self.special_tokens):
-            raise ValueError(f"allowed_special must be 'all', 'none', 'none_raise' or a set of "
-                             f"this tokenizer's special tokens {sorted(self.special_tokens)}, "
-                             f"got {allowed_special!r}")
-        else:
+        """Text -> ids. allowed_special: 'none_raise' (error if the text holds a special token),
+        'none' (encode them as plain text), 'all', or a set of the special tokens to allow."""
+        specials = set(self.special_tokens)
+        if allowed_special in ("all", "none", "none_raise"):
+            allowed = specials if allowed_special == "all" else set()
+        elif isinstance(allowed_special, (set, frozenset, list, tuple)) and \
+                specials.issuperset(allowed_special):
             allowed = set(allowed_special)
-        if allowed_special != "none":
-            for name in self.special_tokens:
-                if name not in allowed and name in text:
-                    raise ValueError(f"text contains the special token {name!r}: pass "
-                                     f"allowed_special={{{name!r}}} (or 'all') to encode it as one "
-                                     "token, or allowed_special='none' to encode it as plain text")
+        else:
+            raise ValueError(f"allowed_special must be 'all', 'none', 'none_raise' or a set of "
+                             f"the special tokens {sorted(specials)}, got {allowed_special!r}")
+        for name in specials - allowed:
+            if allowed_special != "none" and name in text:
+                raise ValueError(f"text contains the special token {name!r}: pass allowed_special="
+                                 f"{{{name!r}}} or 'all' to encode it as one token, or 'none' to "
+                                 "encode it as plain text")
         if not allowed:
             return self.encode_ordinary(text)
         # Longest first, so that of two overlapping special tokens the longer one wins.
-        names = sorted(allowed, key=len, reverse=True)
+        names = sorted(allowed, key=lambda name: (-len(name), name))
         parts = regex.split("(" + "|".join(map(regex.escape, names)) + ")", text)
         ids = []
-        for i, part in enumerate(parts):
+        for i, part in enumerate(parts):  # odd parts are the special tokens
             ids += [self.special_tokens[part]] if i % 2 else self.encode_ordinary(part)
         return ids
 
@@ -330,19 +323,18 @@ class BPETokenizer:
         try:
             return b"".join(map(self.vocab.__getitem__, ids))
         except (KeyError, TypeError):
-            bad = next(i for i in ids if not isinstance(i, int) or i not in self.vocab)
-            raise ValueError(f"unknown token id {bad!r}: this tokenizer has ids 0.."
-                             f"{255 + len(self.merges)} and specials "
-                             f"{sorted(self.special_tokens.values())}") from None
+            bad = next(i for i in ids if i not in self.vocab)
+            raise ValueError(f"unknown token id {bad!r}: ids are 0..{255 + len(self.merges)} and "
+                             f"the special tokens {sorted(self.special_tokens.values())}") from None
 
     def decode(self, ids):
-        """Ids -> text. A token may hold half a character: invalid UTF-8 becomes U+FFFD."""
+        """Ids -> text. A token can hold half a character: invalid UTF-8 becomes U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    # ---- save and load: one JSON file; the vocabulary is rebuilt from the merges ----
+    # ---- save and load: one JSON file, from which load derives the vocabulary again ----
 
     def save(self, path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         state = {"format": "tokenizer_bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
                  "byte_order": self.byte_order, "merges": [list(pair) for pair in self.merges],
                  "special_tokens": self.special_tokens}
@@ -354,82 +346,58 @@ class BPETokenizer:
         try:
             with open(path, encoding="utf-8") as f:
                 state = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is not a tokenizer file (corrupt or truncated JSON: {err}); "
-                             "save it again with BPETokenizer.save") from None
+        except ValueError as err:  # bad UTF-8 or JSON
+            raise ValueError(f"{path} is not a tokenizer file (corrupt or truncated: {err}); save "
+                             "it again with BPETokenizer.save") from None
         if not isinstance(state, dict) or state.get("format") != "tokenizer_bpe":
-            raise ValueError(f"{path} is not a tokenizer_bpe file; save one with BPETokenizer.save")
+            raise ValueError(f"{path} is not a tokenizer_bpe file: save one with BPETokenizer.save")
         if state.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} has format version {state.get('version')!r}, this code reads "
                              f"version {FORMAT_VERSION}: retrain with python tokenizer_bpe.py")
         try:
             tok = cls(pattern=state["pattern"], special_tokens=())
-            merges = [tuple(pair) for pair in state["merges"]]
-            tok._install(state["byte_order"], merges, state["special_tokens"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); "
-                             "save it again with BPETokenizer.save") from None
+            tok._install(state["byte_order"], state["merges"], state["special_tokens"])
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); save it again "
+                             "with BPETokenizer.save") from None
         return tok
-
-    def _install(self, byte_order, merges, special_tokens):
-        """Check and set a tokenizer's state; merge i must combine ids that exist before it."""
-        if sorted(byte_order) != list(range(256)):
-            raise ValueError("byte_order must hold each of the 256 byte values once")
-        for i, pair in enumerate(merges):
-            if (len(pair) != 2 or not all(type(x) is int and 0 <= x < 256 + i for x in pair)):
-                raise ValueError(f"merge {i} {pair!r} does not join two earlier ids")
-        if len(set(merges)) != len(merges):
-            raise ValueError("the same pair is merged twice")
-        n_ids = 256 + len(merges)
-        ids = list(special_tokens.values())
-        if not all(type(i) is int and i >= n_ids for i in ids) or len(set(ids)) != len(ids):
-            raise ValueError(f"special token ids {sorted(ids)} must be distinct and >= {n_ids}, "
-                             "after the merged tokens")
-        self.byte_order = list(byte_order)
-        self.merges = {pair: 256 + i for i, pair in enumerate(merges)}
-        self.special_tokens = dict(special_tokens)
-        self._rebuild()
 
     # ---- tiktoken, both ways ----
 
     def to_tiktoken(self, name="tokenizer_bpe"):
-        """A tiktoken.Encoding whose ids equal ours on any text (tiktoken's Rust encoder is fast)."""
+        """A tiktoken.Encoding with our ids on any text, encoding in Rust."""
         import tiktoken
         check_regex_unicode()
+        # tiktoken panics on bad ranks, with an exception `except Exception` misses: check first.
+        if list(self.merges.values()) != list(range(256, 256 + len(self.merges))):
+            raise ValueError("merge i must have id 256 + i: rebuild the merges in order")
+        self._install(self.byte_order, list(self.merges), self.special_tokens)
         ranks = {}
         for i in range(256 + len(self.merges)):
-            token = self.vocab[i]
-            if token in ranks:  # checked here: tiktoken would panic, uncatchable, on bad ranks
-                raise ValueError(f"ids {ranks[token]} and {i} are both {token!r}: tiktoken needs "
-                                 "distinct byte strings, so this tokenizer cannot be exported")
-            ranks[token] = i
-        if sorted(self.byte_order) != list(range(256)):
-            raise ValueError("some of the 256 single bytes have no id: cannot export to tiktoken")
-        n_ids = len(ranks)
-        for special, i in self.special_tokens.items():
-            if i < n_ids or list(self.special_tokens.values()).count(i) > 1:
-                raise ValueError(f"special token {special!r} has id {i}, which collides with "
-                                 "another token: special ids must be distinct and after the merges")
+            if self.vocab[i] in ranks:
+                raise ValueError(f"ids {ranks[self.vocab[i]]} and {i} both stand for "
+                                 f"{self.vocab[i]!r}, which tiktoken cannot hold: drop one merge")
+            ranks[self.vocab[i]] = i
         return tiktoken.Encoding(name=name, pat_str=self.pattern or r"[\s\S]+",
-                                 mergeable_ranks=ranks, special_tokens=dict(self.special_tokens))
+                                 mergeable_ranks=ranks, special_tokens=self.special_tokens)
 
     @classmethod
     def from_tiktoken(cls, encoding):
-        """Our tokenizer from tiktoken's ranks: same ids on any text, e.g. for cl100k_base.
-        Rank r's token is the merge of the two parts that BPE with the ranks below r leaves."""
+        """Our tokenizer from tiktoken's ranks (e.g. cl100k_base), with its ids on any text.
+        The token of rank r merges the two parts that encoding its bytes with ranks < r leaves."""
         check_regex_unicode()
         by_rank = sorted((rank, token) for token, rank in encoding._mergeable_ranks.items())
-        if [rank for rank, _ in by_rank] != list(range(len(by_rank))) or not all(
-                len(token) == 1 for _, token in by_rank[:256]):
-            raise ValueError(f"{encoding.name}: ranks must be 0..N-1 with the 256 single bytes "
+        if [rank for rank, _ in by_rank] != list(range(len(by_rank))) or \
+                sorted(token for _, token in by_rank[:256]) != [bytes([b]) for b in range(256)]:
+            raise ValueError(f"{encoding.name}: ranks must be 0..n-1 with the 256 single bytes "
                              "first, as in byte-level BPE")
         tok = cls(pattern=encoding._pat_str, special_tokens=())
-        tok._install([token[0] for _, token in by_rank[:256]], [], {})
-        for rank, token in by_rank[256:]:
+        tok._install([token[0] for _, token in by_rank[:256]], [], {})  # cl100k shuffles bytes
+        for rank, token in by_rank[256:]:  # our merges so far are exactly the ranks below
             parts = tok._merge_chunk(list(token.translate(tok._byte_to_id)))
             if len(parts) != 2:
-                raise ValueError(f"{encoding.name}: token {rank} {token!r} is not the merge of "
-                                 "two earlier tokens, so these ranks are not byte-level BPE")
+                raise ValueError(f"{encoding.name}: token {rank} {token!r} is not a merge of two "
+                                 "earlier tokens, so these ranks are not byte-level BPE")
             tok.merges[tuple(parts)] = rank
         tok._install(tok.byte_order, list(tok.merges), encoding._special_tokens)
         return tok
@@ -437,16 +405,21 @@ class BPETokenizer:
 
 def check_regex_unicode():
     if not regex.fullmatch(r"\p{L}", UNICODE_16_LETTER):
-        raise ValueError("the installed regex module predates Unicode 16.0, so it splits text "
+        raise ValueError("the installed regex module predates Unicode 16.0 and would split text "
                          "differently from tiktoken: pip install --upgrade regex")
 
 
 # ---------------------------------------------------------------------------------------------
-# The script: train, save, and print a benchmark
+# The script: train, print a benchmark, save
 # ---------------------------------------------------------------------------------------------
 
-def show(tok, ids):
-    return ", ".join(repr(tok.decode([i])) for i in ids)
+def show(token):
+    return repr(token.decode("utf-8", errors="replace"))
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def run(args):
@@ -457,43 +430,39 @@ def run(args):
         raise ValueError(f"{args.input} is not UTF-8 text ({err})") from None
     split_at = int(len(text) * 0.9)  # train on the first 90 %, measure compression on the rest
     train_text, held_out = text[:split_at], text[split_at:]
+    print(f"training on the first {len(train_text):,} characters of {args.input}: "
+          f"pattern {args.pattern}, vocab size {args.vocab_size}")
     tok = BPETokenizer(pattern=args.pattern)
-    print(f"training on {len(train_text):,} characters of {args.input}, pattern {args.pattern}, "
-          f"vocab size {args.vocab_size}")
-    t0 = time.perf_counter()
-    tok.train(train_text, args.vocab_size, verbose=True)
-    train_s = time.perf_counter() - t0
+    _, train_s = timed(tok.train, train_text, args.vocab_size, True)
     new_ids = list(tok.merges.values())
     print(f"train: {train_s:.3f} s for {len(new_ids)} merges")
-    print(f"first merges: {show(tok, new_ids[:8])}")
-    print(f"last merges:  {show(tok, new_ids[-8:])}")
-    held_bytes = len(held_out.encode("utf-8"))
-    print(f"held-out last 10 %: {held_bytes / len(tok.encode(held_out)):.3f} bytes per token")
-    t0 = time.perf_counter()
-    ids = tok.encode(text)
-    python_s = time.perf_counter() - t0
-    enc = tok.to_tiktoken()
-    t0 = time.perf_counter()
-    tiktoken_ids = enc.encode_ordinary(text)
-    tiktoken_s = time.perf_counter() - t0
-    print(f"encode all {len(text.encode('utf-8')):,} bytes: pure Python {python_s:.3f} s, "
-          f"tiktoken {tiktoken_s:.3f} s, {len(ids):,} tokens, same ids: {ids == tiktoken_ids}")
+    print("first merges:", ", ".join(show(tok.vocab[i]) for i in new_ids[:10]))
+    print("last merges: ", ", ".join(show(tok.vocab[i]) for i in new_ids[-10:]))
+    n_held_out = len(tok.encode(held_out, allowed_special="none"))
+    print(f"held-out last 10 %: {len(held_out.encode('utf-8')) / max(1, n_held_out):.3f} bytes "
+          "per token")
+    ids, python_s = timed(tok.encode, text, "none")
+    tiktoken_ids, tiktoken_s = timed(tok.to_tiktoken().encode_ordinary, text)
+    print(f"encode all {len(text.encode('utf-8')):,} bytes to {len(ids):,} tokens: pure Python "
+          f"{python_s:.3f} s, to_tiktoken() {tiktoken_s:.3f} s, same ids: {ids == tiktoken_ids}")
     print(f"round trip decode(encode(text)) == text: {tok.decode(ids) == text}")
     tok.save(args.out)
     print(f"saved {args.out}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and benchmark it.",
+    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer, benchmark it, "
+                                     "save it.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", default="input.txt", help="UTF-8 text to train on")
     parser.add_argument("--vocab-size", type=int, default=512, help="256 bytes + the merges")
     parser.add_argument("--pattern", choices=list(PATTERNS), default="gpt4",
-                        help="how to split text into chunks before merging")
+                        help="how text is split into chunks before merging")
     parser.add_argument("--out", default="out/bpe.json", help="where to save the tokenizer")
     args = parser.parse_args(argv)
     if args.vocab_size < 257:
-        parser.error(f"--vocab-size must be at least 257 (256 bytes + 1 merge), got {args.vocab_size}")
+        parser.error(f"--vocab-size must be at least 257 (256 bytes + 1 merge), "
+                     f"got {args.vocab_size}")
     if not os.path.isfile(args.input):
         parser.error(f"--input {args.input}: no such file")
     try:
