@@ -119,7 +119,7 @@ def test_bpe_overlapping_pairs_and_tie_break():
         assert tok.merges == {(97, 98): 256}
 
 
-@pytest.mark.parametrize("pattern", ["gpt4", "gpt2", None])
+@pytest.mark.parametrize("pattern", ["gpt4", "gpt2", None, r"\w*|\W"])  # last: empty chunks
 def test_bpe_train_equals_train_naive(pattern):
     rng = random.Random(9)
     texts = ["aaaa aaaaaa aaa aaaaaaaaa bbbbbb ab ab aaab",
@@ -136,14 +136,15 @@ def test_bpe_train_equals_train_naive(pattern):
         assert fast.decode(fast.encode(text)) == text
 
 
-def test_bpe_encoding_replays_training(shakespeare_512):
-    # Encoding a training text applies the merges the way training did: each merge shortens it
-    # by exactly the number of occurrences merged, so the final length matches a naive replay.
-    text = SHAKESPEARE[:5000]
-    chunks = [list(c.encode("utf-8")) for c in shakespeare_512.split(text)]
-    for pair, new_id in shakespeare_512.merges.items():
+@pytest.mark.parametrize("pattern", ["gpt4", None])  # None: one long chunk
+def test_bpe_encoding_replays_the_merges_in_order(pattern):
+    tok = bpe.BPETokenizer(pattern=pattern)
+    tok.train(SHAKESPEARE[:20000], 400)
+    text = SHAKESPEARE[20000:25000] + MULTILINGUAL
+    chunks = [list(chunk.encode("utf-8")) for chunk in tok.split(text)]
+    for pair, new_id in tok.merges.items():  # the definition: every merge, in order, everywhere
         chunks = [bpe.merge(ids, pair, new_id) for ids in chunks]
-    assert shakespeare_512.encode(text) == [i for ids in chunks for i in ids]
+    assert tok.encode(text, allowed_special="none") == [i for ids in chunks for i in ids]
 
 
 def test_bpe_round_trips(shakespeare_512):
@@ -241,11 +242,11 @@ def test_bpe_to_tiktoken_validates_first(tmp_path):
     tok.byte_order[0] = 1
     with pytest.raises(ValueError, match="256 byte values"):
         tok.to_tiktoken()
-    for specials in [{"<|x|>": 257}, {"<|x|>": 300, "<|y|>": 300}]:
+    for specials in [{"<|x|>": 257}, {"<|x|>": 300, "<|y|>": 300}, {"": 300}]:
         tok = bpe.BPETokenizer()
         tok.train("hello hello hello", 260)
         tok.special_tokens = specials
-        with pytest.raises(ValueError, match="special token ids .* must be distinct and >= 260"):
+        with pytest.raises(ValueError, match="need non-empty names and distinct ids >= 260"):
             tok.to_tiktoken()
     tok.special_tokens, tok.merges = {}, {(104, 101): 300}
     with pytest.raises(ValueError, match="merge i must have id 256 \\+ i"):

@@ -113,13 +113,14 @@ class BPETokenizer:
         if len(set(map(tuple, merges))) != len(merges):
             raise ValueError("a pair is merged twice")
         n_ids, special_ids = 256 + len(merges), list(special_tokens.values())
-        if not all(type(i) is int and i >= n_ids for i in special_ids) or len(set(special_ids)) < \
-                len(special_ids):
-            raise ValueError(f"special token ids {special_ids} must be distinct and >= {n_ids}, "
-                             "after the merged tokens")
+        if not all(isinstance(name, str) and name for name in special_tokens) or not all(
+                type(i) is int and i >= n_ids for i in special_ids) or \
+                len(set(special_ids)) < len(special_ids):
+            raise ValueError(f"special tokens {special_tokens} need non-empty names and distinct "
+                             f"ids >= {n_ids}, after the merged tokens")
         self.byte_order = list(byte_order)  # id -> byte value, for ids 0..255
         self.merges = {tuple(pair): 256 + i for i, pair in enumerate(merges)}
-        self.special_tokens = {str(name): i for name, i in special_tokens.items()}
+        self.special_tokens = dict(special_tokens)
         self.vocab = {i: bytes([b]) for i, b in enumerate(self.byte_order)}
         for (left, right), new_id in self.merges.items():
             self.vocab[new_id] = self.vocab[left] + self.vocab[right]
@@ -184,7 +185,9 @@ class BPETokenizer:
         #    in one list of ids, linked by nxt/prv (-1 ends a chunk): a merge is O(1) in place.
         ids, weight, nxt, prv = [], [], [], []
         pair_counts, where = defaultdict(int), defaultdict(list)  # where: pair -> positions
-        for chunk, count in Counter(self.split(text)).items():
+        chunk_counts = Counter(self.split(text))
+        chunk_counts.pop("", None)  # a custom pattern may match empty strings
+        for chunk, count in chunk_counts.items():
             chunk_ids = chunk.encode("utf-8")
             start, end = len(ids), len(ids) + len(chunk_ids)
             ids += chunk_ids
@@ -376,7 +379,8 @@ class BPETokenizer:
         for i in range(256 + len(self.merges)):
             if self.vocab[i] in ranks:
                 raise ValueError(f"ids {ranks[self.vocab[i]]} and {i} both stand for "
-                                 f"{self.vocab[i]!r}, which tiktoken cannot hold: drop one merge")
+                                 f"{self.vocab[i]!r}, which tiktoken cannot hold: remove one of "
+                                 "their merges")
             ranks[self.vocab[i]] = i
         return tiktoken.Encoding(name=name, pat_str=self.pattern or r"[\s\S]+",
                                  mergeable_ranks=ranks, special_tokens=self.special_tokens)
