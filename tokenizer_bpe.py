@@ -225,7 +225,6 @@ class BPETokenizer:
                 if ids[p] != a or q < 0 or ids[q] != b:
                     continue  # stale: an earlier merge changed this place
                 freq = weight[p]
-                delta[pair] -= freq
                 left, right = prv[p], nxt[q]
                 if left >= 0:
                     x = ids[left]
@@ -239,7 +238,11 @@ class BPETokenizer:
                     where[new_id, y].append(p)
                     prv[right] = p
                 ids[p], ids[q], nxt[p] = new_id, -1, right
+            del pair_counts[pair]  # every occurrence is merged, so the pair is gone
+            delta.pop(pair, None)  # runs like aaaa also counted it as a neighbour
             for changed, d in delta.items():
+                if not d:
+                    continue
                 count = pair_counts[changed] + d
                 if count:
                     pair_counts[changed] = count
