@@ -1,0 +1,481 @@
+"""
+A byte-level BPE tokenizer from scratch: how GPT-2 and GPT-4 turn text into token ids.
+
+Text becomes UTF-8 bytes, ids 0..255. Training finds the most frequent adjacent pair of ids and
+gives it a new id (merge i gets id 256 + i), again and again. Encoding replays the merges in the
+order they were learned; decoding joins the bytes back. First a regex splits text into chunks
+(words, numbers, punctuation, whitespace), and no merge ever crosses a chunk boundary.
+
+    python tokenizer_bpe.py                        # vocab 512 on input.txt, prints a benchmark
+    python tokenizer_bpe.py --vocab-size 4096 --pattern gpt2 --out out/bpe_gpt2.json
+"""
+import argparse
+import heapq
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+
+import regex
+
+# ---------------------------------------------------------------------------------------------
+# Split patterns: the exact strings tiktoken ships (possessive ++ and ?+ never backtrack)
+# ---------------------------------------------------------------------------------------------
+
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|"""
+                r"""\s++$|\s+(?!\S)|\s""")
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
+                r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN, "none": None}
+ENDOFTEXT = "<|endoftext|>"
+FORMAT_VERSION = 1
+
+# tiktoken's Rust regex knows Unicode 16.0, the `regex` module a newer version (18.0 as of regex
+# 2026.11). The code points assigned in 17.0 and 18.0 (these hex ranges) are letters, digits or
+# symbols to `regex` but unassigned to tiktoken, so the two would cut chunks differently around
+# them. Before splitting we replace them by U+FFFF, unassigned in every version: then they agree.
+NEWER_THAN_UNICODE_16 = """
+558 58B-58C 5C8-5C9 88F B53-B54 C5C CDC 1ACF-1AF0 208F 209D-209F 20C1-20C4 2B96 2E60-2E63 A7CE-A7CF
+A7D2 A7D4 A7DD A7E2 A7F1 AB6C-AB6D FBC3-FBD2 FD90-FD91 FDC8-FDCE 107BB-107BF 10940-10959
+10EC5-10EC7 10EC9-10EEE 10EF0-10EFB 11B0A 11B60-11B67 11DB0-11DDB 11DE0-11DE9 11DF0-11DF1 1246F
+12475-1247F 12550-12686 16EA0-16EB8 16EBB-16ED3 16FF2-16FF6 187F8-187FF 18CD6-18CDA 18D09-18D20
+18D80-18DF2 18E00-19191 191A0-191D2 1B123-1B128 1B168 1CCFA-1CCFC 1CEBA-1CED0 1CED2-1CED4
+1CEDD-1CEFD 1D127-1D128 1D1EB-1D1FF 1D250-1D281 1D6A6 1DB00-1DB1C 1DF1F-1DF24 1DF2B-1DF81
+1DF90-1DF96 1DFCD-1DFFF 1E6C0-1E6DE 1E6E0-1E6F5 1E6FE-1E6FF 1F1AE 1F6D8-1F6D9 1F777-1F77A
+1F7DA-1F7DB 1F7F1-1F7FF 1F8D0-1F8D8 1FA54-1FA57 1FA8A-1FA8E 1FAC8 1FACC-1FACD 1FADD 1FAEA-1FAEB
+1FAEF 1FAF9-1FAFA 1FBFA 2B73A-2B73F 2B81E 2CEA2-2CEAD 323B0-33479 3D000-3FC3F"""
+NEWER_CODE_POINTS = regex.compile("[" + "".join("-".join(
+    chr(int(end, 16)) for end in span.split("-")) for span in NEWER_THAN_UNICODE_16.split()) + "]")
+UNICODE_16_LETTER = "\U0001e5d0"  # OL ONAL LETTER O, new in Unicode 16.0
+
+
+def ascii_twin(pattern):
+    """On ASCII text \\p{L} is [A-Za-z] and \\p{N} is [0-9]; with those the stdlib `re` engine
+    cuts the same chunks about 3x faster than `regex`."""
+    in_sets = regex.sub(r"\[[^\]]*\]", lambda m: m[0].replace(r"\p{L}", "A-Za-z").replace(
+        r"\p{N}", "0-9"), pattern)
+    try:
+        return re.compile(in_sets.replace(r"\p{L}", "[A-Za-z]").replace(r"\p{N}", "[0-9]"),
+                          re.ASCII)
+    except re.error:  # Python < 3.11 has no possessive quantifiers in `re`: no twin
+        return None
+
+
+ASCII_TWINS = {pattern: ascii_twin(pattern) for pattern in (GPT4_PATTERN, GPT2_PATTERN)}
+
+# ---------------------------------------------------------------------------------------------
+# Pairs and merges. The convention, the same in every trainer and in encoding: pairs are
+# counted the textbook way, overlaps included ('aaa' holds (a, a) twice), and a merge replaces
+# left to right without overlap ('aaa' becomes [aa, a]).
+# ---------------------------------------------------------------------------------------------
+
+
+def merge(ids, pair, new_id):
+    """Replace each occurrence of pair in ids by new_id, left to right."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def best_pair(counts):
+    """The next merge: the highest count; among equal counts the smallest pair (left, right)."""
+    return min(counts, key=lambda pair: (-counts[pair], pair))
+
+
+class BPETokenizer:
+    def __init__(self, pattern="gpt4", special_tokens=(ENDOFTEXT,)):
+        """pattern: 'gpt4', 'gpt2', None (no split) or a regex string; special_tokens: their
+        strings, which get the ids after the merges."""
+        self.pattern = PATTERNS.get(pattern, pattern) if isinstance(pattern, str) else pattern
+        try:
+            self._split_regex = None if self.pattern is None else regex.compile(self.pattern)
+        except (regex.error, TypeError) as err:
+            raise ValueError(f"bad split pattern {pattern!r} ({err}): use 'gpt4', 'gpt2', None "
+                             "or a valid regex string") from None
+        self._install(range(256), [], {name: 256 + i for i, name in enumerate(special_tokens)})
+
+    def _install(self, byte_order, merges, special_tokens):
+        """Check and set the state, then derive the vocabulary (id -> bytes) from it."""
+        if sorted(byte_order) != list(range(256)):
+            raise ValueError("byte_order must hold each of the 256 byte values once")
+        for i, pair in enumerate(merges):
+            if len(pair) != 2 or not all(type(x) is int and 0 <= x < 256 + i for x in pair):
+                raise ValueError(f"merge {i} {pair!r} does not join two ids that exist before it")
+        if len(set(map(tuple, merges))) != len(merges):
+            raise ValueError("a pair is merged twice")
+        n_ids, special_ids = 256 + len(merges), list(special_tokens.values())
+        if not all(isinstance(name, str) and name for name in special_tokens) or not all(
+                type(i) is int and i >= n_ids for i in special_ids) or \
+                len(set(special_ids)) < len(special_ids):
+            raise ValueError(f"special tokens {special_tokens} need non-empty names and distinct "
+                             f"ids >= {n_ids}, after the merged tokens")
+        self.byte_order = list(byte_order)  # id -> byte value, for ids 0..255
+        self.merges = {tuple(pair): 256 + i for i, pair in enumerate(merges)}
+        self.special_tokens = dict(special_tokens)
+        self.vocab = {i: bytes([b]) for i, b in enumerate(self.byte_order)}
+        for (left, right), new_id in self.merges.items():
+            self.vocab[new_id] = self.vocab[left] + self.vocab[right]
+        for name, i in self.special_tokens.items():
+            self.vocab[i] = name.encode("utf-8")
+        self._byte_to_id = bytes.maketrans(bytes(self.byte_order), bytes(range(256)))
+
+    def split(self, text):
+        """Cut text into the chunks that merges never cross."""
+        if self._split_regex is None:
+            return [text] if text else []
+        ascii_twin = ASCII_TWINS.get(self.pattern)
+        if ascii_twin and text.isascii():
+            chunks = ascii_twin.findall(text)
+        elif not text.isascii() and NEWER_CODE_POINTS.search(text):
+            masked = NEWER_CODE_POINTS.sub("\uffff", text)  # same length: the spans carry over
+            chunks = [text[m.start():m.end()] for m in self._split_regex.finditer(masked)]
+        else:
+            chunks = self._split_regex.findall(text)
+        if sum(map(len, chunks)) != len(text):
+            raise ValueError(f"split pattern {self.pattern!r} skips some text: it must match every "
+                             "character (end it with an alternative such as |\\s)")
+        return chunks
+
+    # ---- training: the definition, then the same merges fast ----
+
+    def _start_training(self, text, vocab_size):
+        if type(vocab_size) is not int or vocab_size < 257:
+            raise ValueError(f"vocab_size must be an integer >= 257 (256 bytes + at least one "
+                             f"merge), got {vocab_size!r}")
+        if not isinstance(text, str) or not text:
+            raise ValueError("cannot train on empty text: give it some text to learn merges from")
+        return vocab_size - 256
+
+    def _finish_training(self, merges, vocab_size):
+        if 256 + len(merges) < vocab_size:
+            print(f"training stopped early at vocab size {256 + len(merges)} of {vocab_size}: no "
+                  "pair occurs twice any more (give more text or ask for a smaller vocab)")
+        first_special = 256 + len(merges)
+        self._install(range(256), list(merges),
+                      {name: first_special + i for i, name in enumerate(self.special_tokens)})
+
+    def train_naive(self, text, vocab_size):
+        """The definition: count all pairs, merge the most frequent everywhere, repeat. Slow."""
+        n_merges = self._start_training(text, vocab_size)
+        chunks = [list(chunk.encode("utf-8")) for chunk in self.split(text)]
+        merges = {}
+        while len(merges) < n_merges:
+            counts = Counter(pair for ids in chunks for pair in zip(ids, ids[1:]))
+            if not counts or max(counts.values()) < 2:
+                break
+            pair, new_id = best_pair(counts), 256 + len(merges)
+            chunks = [merge(ids, pair, new_id) for ids in chunks]
+            merges[pair] = new_id
+        self._finish_training(merges, vocab_size)
+
+    def train(self, text, vocab_size, verbose=False):
+        """The same merges as train_naive, fast: after one pass over the text, each merge
+        touches only the places where its pair occurs."""
+        n_merges = self._start_training(text, vocab_size)
+        # 1) Each distinct chunk once, weighted by how often it occurs. The chunks lie end to end
+        #    in one list of ids, linked by nxt/prv (-1 ends a chunk): a merge is O(1) in place.
+        ids, weight, nxt, prv = [], [], [], []
+        pair_counts, where = defaultdict(int), defaultdict(list)  # where: pair -> positions
+        chunk_counts = Counter(self.split(text))
+        chunk_counts.pop("", None)  # a custom pattern may match empty strings
+        for chunk, count in chunk_counts.items():
+            chunk_ids = chunk.encode("utf-8")
+            start, end = len(ids), len(ids) + len(chunk_ids)
+            ids += chunk_ids
+            weight += [count] * len(chunk_ids)
+            nxt += range(start + 1, end + 1)
+            prv += range(start - 1, end - 1)
+            nxt[-1] = prv[start] = -1
+            # 2) Count each pair once, weighted, and remember where it starts.
+            for p, pair in enumerate(zip(chunk_ids, chunk_ids[1:]), start):
+                pair_counts[pair] += count
+                where[pair].append(p)
+        # 3) A heap of (-count, pair) gives the best pair first. Counts change after each merge:
+        #    a rise pushes a fresh entry, and an entry gone stale is fixed when it reaches the top.
+        heap = [(-count, pair) for pair, count in pair_counts.items()]
+        heapq.heapify(heap)
+        merges, vocab = {}, {i: bytes([i]) for i in range(256)}
+        while len(merges) < n_merges and heap:
+            neg_count, pair = heap[0]
+            count = pair_counts.get(pair, 0)
+            if count != -neg_count:
+                heapq.heapreplace(heap, (-count, pair)) if count else heapq.heappop(heap)
+                continue
+            if count < 2:
+                break
+            new_id = merges[pair] = 256 + len(merges)
+            # 4) Merge in place, changing only the counts next to each occurrence:
+            #    in x a b y, the pairs (x,a) (a,b) (b,y) become (x,new) (new,y).
+            a, b = pair
+            positions = where.pop(pair)
+            if a == b:  # runs like aaa overlap: merge them left to right, as merge() does
+                positions = sorted(positions)
+            delta = defaultdict(int)
+            for p in positions:
+                q = nxt[p]
+                if ids[p] != a or q < 0 or ids[q] != b:
+                    continue  # stale: an earlier merge changed this place
+                freq = weight[p]
+                left, right = prv[p], nxt[q]
+                if left >= 0:
+                    x = ids[left]
+                    delta[x, a] -= freq
+                    delta[x, new_id] += freq
+                    where[x, new_id].append(left)
+                if right >= 0:
+                    y = ids[right]
+                    delta[b, y] -= freq
+                    delta[new_id, y] += freq
+                    where[new_id, y].append(p)
+                    prv[right] = p
+                ids[p], ids[q], nxt[p] = new_id, -1, right
+            del pair_counts[pair]  # every occurrence is merged, so the pair is gone
+            delta.pop(pair, None)  # runs like aaaa also counted it as a neighbour
+            for changed, d in delta.items():
+                if not d:
+                    continue
+                count = pair_counts[changed] + d
+                if count:
+                    pair_counts[changed] = count
+                else:
+                    del pair_counts[changed]
+                if d > 0 and count > 1:  # a pair seen once can never be the best
+                    heapq.heappush(heap, (-count, changed))
+            vocab[new_id] = vocab[a] + vocab[b]
+            done = len(merges)
+            if verbose and (done % max(1, n_merges // 10) == 0 or done == n_merges):
+                print(f"merge {done:5d}/{n_merges}: {show(vocab[new_id])} (count {-neg_count})")
+        self._finish_training(merges, vocab_size)
+
+    # ---- encoding and decoding ----
+
+    def _merge_chunk(self, ids):
+        """Apply the merges to one chunk's ids: the earliest-learned pair first, then leftmost.
+        A heap of (merge id, position) over a linked list keeps long chunks O(n log n)."""
+        merges = self.merges
+        heap = [(merges[pair], i) for i, pair in enumerate(zip(ids, ids[1:])) if pair in merges]
+        heapq.heapify(heap)
+        n = len(ids)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        while heap:
+            new_id, i = heapq.heappop(heap)
+            j = nxt[i]
+            if ids[i] is None or j == n or merges.get((ids[i], ids[j])) != new_id:
+                continue  # stale: an earlier merge changed this place
+            ids[i], ids[j] = new_id, None
+            nxt[i] = k = nxt[j]
+            if k < n:
+                prv[k] = i
+                if (new_id, ids[k]) in merges:
+                    heapq.heappush(heap, (merges[new_id, ids[k]], i))
+            h = prv[i]
+            if h >= 0 and (ids[h], new_id) in merges:
+                heapq.heappush(heap, (merges[ids[h], new_id], h))
+        return [x for x in ids if x is not None]
+
+    def encode_ordinary(self, text):
+        """Text -> ids, with special-token strings treated as plain text."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates become U+FFFD, as in tiktoken
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        cache, ids = {}, []  # text repeats its chunks a lot: merge each distinct chunk once
+        for chunk in self.split(text):
+            chunk_ids = cache.get(chunk)
+            if chunk_ids is None:
+                chunk_ids = cache[chunk] = self._merge_chunk(
+                    list(chunk.encode("utf-8").translate(self._byte_to_id)))
+            ids += chunk_ids
+        return ids
+
+    def encode(self, text, allowed_special="none_raise"):
+        """Text -> ids. allowed_special: 'none_raise' (error if the text holds a special token),
+        'none' (encode them as plain text), 'all', or a set of the special tokens to allow."""
+        specials = set(self.special_tokens)
+        if allowed_special in ("all", "none", "none_raise"):
+            allowed = specials if allowed_special == "all" else set()
+        elif isinstance(allowed_special, (set, frozenset, list, tuple)) and \
+                specials.issuperset(allowed_special):
+            allowed = set(allowed_special)
+        else:
+            raise ValueError(f"allowed_special must be 'all', 'none', 'none_raise' or a set of "
+                             f"the special tokens {sorted(specials)}, got {allowed_special!r}")
+        for name in specials - allowed:
+            if allowed_special != "none" and name in text:
+                raise ValueError(f"text contains the special token {name!r}: pass allowed_special="
+                                 f"{{{name!r}}} or 'all' to encode it as one token, or 'none' to "
+                                 "encode it as plain text")
+        if not allowed:
+            return self.encode_ordinary(text)
+        # Longest first, so that of two overlapping special tokens the longer one wins.
+        names = sorted(allowed, key=lambda name: (-len(name), name))
+        parts = regex.split("(" + "|".join(map(regex.escape, names)) + ")", text)
+        ids = []
+        for i, part in enumerate(parts):  # odd parts are the special tokens
+            ids += [self.special_tokens[part]] if i % 2 else self.encode_ordinary(part)
+        return ids
+
+    def decode_bytes(self, ids):
+        try:
+            return b"".join(map(self.vocab.__getitem__, ids))
+        except (KeyError, TypeError):
+            bad = next(i for i in ids if i not in self.vocab)
+            raise ValueError(f"unknown token id {bad!r}: ids are 0..{255 + len(self.merges)} and "
+                             f"the special tokens {sorted(self.special_tokens.values())}") from None
+
+    def decode(self, ids):
+        """Ids -> text. A token can hold half a character: invalid UTF-8 becomes U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # ---- save and load: one JSON file, from which load derives the vocabulary again ----
+
+    def save(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        state = {"format": "tokenizer_bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
+                 "byte_order": self.byte_order, "merges": [list(pair) for pair in self.merges],
+                 "special_tokens": self.special_tokens}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+        except ValueError as err:  # bad UTF-8 or JSON
+            raise ValueError(f"{path} is not a tokenizer file (corrupt or truncated: {err}); save "
+                             "it again with BPETokenizer.save") from None
+        if not isinstance(state, dict) or state.get("format") != "tokenizer_bpe":
+            raise ValueError(f"{path} is not a tokenizer_bpe file: save one with BPETokenizer.save")
+        if state.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {state.get('version')!r}, this code reads "
+                             f"version {FORMAT_VERSION}: retrain with python tokenizer_bpe.py")
+        try:
+            tok = cls(pattern=state["pattern"], special_tokens=())
+            tok._install(state["byte_order"], state["merges"], state["special_tokens"])
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); save it again "
+                             "with BPETokenizer.save") from None
+        return tok
+
+    # ---- tiktoken, both ways ----
+
+    def to_tiktoken(self, name="tokenizer_bpe"):
+        """A tiktoken.Encoding with our ids on any text, encoding in Rust."""
+        import tiktoken
+        check_regex_unicode()
+        # tiktoken panics on bad ranks, with an exception `except Exception` misses: check first.
+        if list(self.merges.values()) != list(range(256, 256 + len(self.merges))):
+            raise ValueError("merge i must have id 256 + i: rebuild the merges in order")
+        self._install(self.byte_order, list(self.merges), self.special_tokens)
+        ranks = {}
+        for i in range(256 + len(self.merges)):
+            if self.vocab[i] in ranks:
+                raise ValueError(f"ids {ranks[self.vocab[i]]} and {i} both stand for "
+                                 f"{self.vocab[i]!r}, which tiktoken cannot hold: remove one of "
+                                 "their merges")
+            ranks[self.vocab[i]] = i
+        return tiktoken.Encoding(name=name, pat_str=self.pattern or r"[\s\S]+",
+                                 mergeable_ranks=ranks, special_tokens=self.special_tokens)
+
+    @classmethod
+    def from_tiktoken(cls, encoding):
+        """Our tokenizer from tiktoken's ranks (e.g. cl100k_base), with its ids on any text.
+        The token of rank r merges the two parts that encoding its bytes with ranks < r leaves."""
+        check_regex_unicode()
+        by_rank = sorted((rank, token) for token, rank in encoding._mergeable_ranks.items())
+        if [rank for rank, _ in by_rank] != list(range(len(by_rank))) or \
+                sorted(token for _, token in by_rank[:256]) != [bytes([b]) for b in range(256)]:
+            raise ValueError(f"{encoding.name}: ranks must be 0..n-1 with the 256 single bytes "
+                             "first, as in byte-level BPE")
+        tok = cls(pattern=encoding._pat_str, special_tokens=())
+        tok._install([token[0] for _, token in by_rank[:256]], [], {})  # cl100k shuffles bytes
+        for rank, token in by_rank[256:]:  # our merges so far are exactly the ranks below
+            parts = tok._merge_chunk(list(token.translate(tok._byte_to_id)))
+            if len(parts) != 2:
+                raise ValueError(f"{encoding.name}: token {rank} {token!r} is not a merge of two "
+                                 "earlier tokens, so these ranks are not byte-level BPE")
+            tok.merges[tuple(parts)] = rank
+        tok._install(tok.byte_order, list(tok.merges), encoding._special_tokens)
+        return tok
+
+
+def check_regex_unicode():
+    if not regex.fullmatch(r"\p{L}", UNICODE_16_LETTER):
+        raise ValueError("the installed regex module predates Unicode 16.0 and would split text "
+                         "differently from tiktoken: pip install --upgrade regex")
+
+
+# ---------------------------------------------------------------------------------------------
+# The script: train, print a benchmark, save
+# ---------------------------------------------------------------------------------------------
+
+def show(token):
+    return repr(token.decode("utf-8", errors="replace"))
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
+def run(args):
+    try:
+        with open(args.input, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{args.input} is not UTF-8 text ({err})") from None
+    split_at = int(len(text) * 0.9)  # train on the first 90 %, measure compression on the rest
+    train_text, held_out = text[:split_at], text[split_at:]
+    print(f"training on the first {len(train_text):,} characters of {args.input}: "
+          f"pattern {args.pattern}, vocab size {args.vocab_size}")
+    tok = BPETokenizer(pattern=args.pattern)
+    _, train_s = timed(tok.train, train_text, args.vocab_size, True)
+    new_ids = list(tok.merges.values())
+    print(f"train: {train_s:.3f} s for {len(new_ids)} merges")
+    print("first merges:", ", ".join(show(tok.vocab[i]) for i in new_ids[:10]))
+    print("last merges: ", ", ".join(show(tok.vocab[i]) for i in new_ids[-10:]))
+    n_held_out = len(tok.encode(held_out, allowed_special="none"))
+    print(f"held-out last 10 %: {len(held_out.encode('utf-8')) / max(1, n_held_out):.3f} bytes "
+          "per token")
+    ids, python_s = timed(tok.encode, text, "none")
+    tiktoken_ids, tiktoken_s = timed(tok.to_tiktoken().encode_ordinary, text)
+    print(f"encode all {len(text.encode('utf-8')):,} bytes to {len(ids):,} tokens: pure Python "
+          f"{python_s:.3f} s, to_tiktoken() {tiktoken_s:.3f} s, same ids: {ids == tiktoken_ids}")
+    print(f"round trip decode(encode(text)) == text: {tok.decode(ids) == text}")
+    tok.save(args.out)
+    print(f"saved {args.out}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer, benchmark it, "
+                                     "save it.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--input", default="input.txt", help="UTF-8 text to train on")
+    parser.add_argument("--vocab-size", type=int, default=512, help="256 bytes + the merges")
+    parser.add_argument("--pattern", choices=list(PATTERNS), default="gpt4",
+                        help="how text is split into chunks before merging")
+    parser.add_argument("--out", default="out/bpe.json", help="where to save the tokenizer")
+    args = parser.parse_args(argv)
+    if args.vocab_size < 257:
+        parser.error(f"--vocab-size must be at least 257 (256 bytes + 1 merge), "
+                     f"got {args.vocab_size}")
+    if not os.path.isfile(args.input):
+        parser.error(f"--input {args.input}: no such file")
+    try:
+        run(args)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
