@@ -169,25 +169,26 @@ def tokenizer_state(tokenizer):
     """A plain dict that goes into the checkpoint, so sampling needs no input.txt."""
     if isinstance(tokenizer, CharTokenizer):
         return {"kind": "char", "chars": tokenizer.chars}
-    return {"kind": "bpe", "json": tokenizer.to_json()}
+    return {"kind": "bpe", "bpe": tokenizer.to_dict()}
 
 
 def tokenizer_from_state(state):
     if state["kind"] == "char":
         return CharTokenizer(state["chars"])
     import tokenizer_bpe
-    return tokenizer_bpe.BPETokenizer.from_json(state["json"])
+    return tokenizer_bpe.BPETokenizer.from_dict(state["bpe"], "the checkpoint's tokenizer")
 
 
 def vocab_size_of(tokenizer):
     return tokenizer.vocab_size if isinstance(tokenizer, CharTokenizer) else len(tokenizer.vocab)
 
 
-def split_data(ids, block_size, path):
-    """90 % train, 10 % validation; each split must hold at least one (x, y) window."""
-    data = torch.tensor(ids, dtype=torch.long)
-    n = int(0.9 * len(data))
-    train, val = data[:n], data[n:]
+def split_data(text, tokenizer, block_size, path):
+    """90 % of the text for training, the last 10 % for validation, each encoded on its own so that no
+    token straddles the cut; the validation split must hold at least one (x, y) window."""
+    cut = int(0.9 * len(text))
+    train = torch.tensor(tokenizer.encode(text[:cut]), dtype=torch.long)
+    val = torch.tensor(tokenizer.encode(text[cut:]), dtype=torch.long)
     if len(val) <= block_size:
         raise ValueError(f"{path}: the validation split has {len(val)} tokens but needs more than "
                          f"block_size={block_size}; use a longer text or a smaller --block-size")
@@ -512,10 +513,12 @@ def train(cfg, model_cfg):
         if cfg.tokenizer == "bpe":
             log(f"trained a BPE tokenizer of {model_cfg.vocab_size} tokens in {time.perf_counter() - t0:.2f} s")
         model = GPT(model_cfg).to(device)
-    train_data, val_data = split_data(tokenizer.encode(text), model_cfg.block_size, cfg.input)
-    val_bytes = len(text[int(0.9 * len(text)):].encode("utf-8")) if cfg.tokenizer == "bpe" else len(val_data)
-    bits_per_token = len(val_data) / val_bytes / math.log(2)  # nats/token -> bits per byte (or char)
-    unit = "byte" if cfg.tokenizer == "bpe" else "char"
+    train_data, val_data = split_data(text, tokenizer, model_cfg.block_size, cfg.input)
+    # Loss is in nats per token; bits per character (char) or per byte (BPE) compare across tokenizers.
+    unit = "char" if isinstance(tokenizer, CharTokenizer) else "byte"
+    val_text = text[int(0.9 * len(text)):]
+    units = len(val_text) if unit == "char" else len(val_text.encode("utf-8"))
+    bits_per_unit = len(val_data) / units / math.log(2)  # multiply a loss in nats/token by this
     log(f"{len(text):,} characters, {len(train_data):,} train and {len(val_data):,} val tokens, "
         f"vocab {model_cfg.vocab_size}")
     n_params = sum(p.numel() for p in model.parameters())
@@ -563,7 +566,7 @@ def train(cfg, model_cfg):
                                        model_cfg.block_size, device, autocast)
                 best_val_loss = min(best_val_loss, losses["val"])
                 log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                    f"(val {losses['val'] * bits_per_token:.3f} bits/{unit})")
+                    f"(val {losses['val'] * bits_per_unit:.3f} bits/{unit})")
                 checkpoint()
             t_log = time.perf_counter()  # evaluation time is not training time
         if step >= cfg.max_iters:

@@ -840,3 +840,18 @@ def test_gpt_script_prints_errors_as_one_line_without_traceback(tmp_path):
     result = run_gpt(["--input", "missing.txt"], tmp_path, check=False)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: missing.txt: no such file; pass a text file with --input"
+
+
+def test_gpt_script_with_the_bpe_tokenizer(tmp_path):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    out = run_gpt(["--input", "tiny.txt", "--tokenizer", "bpe", "--vocab-size", "300", *TINY_FLAGS,
+                   "--max-iters", "20", "--eval-interval", "10", "--max-new-tokens", "0"], tmp_path).stdout
+    assert re.search(r"trained a BPE tokenizer of 30[01] tokens", out)
+    bits = [float(b) for b in re.findall(r"val ([0-9.]+) bits/byte", out)]
+    assert len(bits) == 3 and bits[-1] < bits[0]
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    tokenizer = bpe.BPETokenizer.from_dict(ckpt["tokenizer"]["bpe"])  # the checkpoint carries the merges
+    assert tokenizer.decode(tokenizer.encode(SHAKESPEARE_BIT)) == SHAKESPEARE_BIT
+    # byte-level: any prompt encodes, even characters the training text never had
+    sample = run_gpt(["--sample", "--prompt", "Ωmega 😀 ALL:", "--max-new-tokens", "10"], tmp_path).stdout
+    assert sample.startswith("Ωmega 😀 ALL:") and "generated 10 tokens" in sample

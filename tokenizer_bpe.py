@@ -338,13 +338,32 @@ class BPETokenizer:
 
     # ---- save and load: one JSON file, from which load derives the vocabulary again ----
 
+    def to_dict(self):
+        """Everything that defines this tokenizer, as plain JSON types (a checkpoint can hold it too)."""
+        return {"format": "tokenizer_bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
+                "byte_order": self.byte_order, "merges": [list(pair) for pair in self.merges],
+                "special_tokens": self.special_tokens}
+
+    @classmethod
+    def from_dict(cls, state, source="tokenizer state"):
+        """The inverse of to_dict; source names the file in error messages."""
+        if not isinstance(state, dict) or state.get("format") != "tokenizer_bpe":
+            raise ValueError(f"{source} is not a tokenizer_bpe file: save one with BPETokenizer.save")
+        if state.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{source} has format version {state.get('version')!r}, this code reads "
+                             f"version {FORMAT_VERSION}: retrain with python tokenizer_bpe.py")
+        try:
+            tok = cls(pattern=state["pattern"], special_tokens=())
+            tok._install(state["byte_order"], state["merges"], state["special_tokens"])
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(f"{source} is damaged ({type(err).__name__}: {err}); save it again "
+                             "with BPETokenizer.save") from None
+        return tok
+
     def save(self, path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        state = {"format": "tokenizer_bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
-                 "byte_order": self.byte_order, "merges": [list(pair) for pair in self.merges],
-                 "special_tokens": self.special_tokens}
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(state, f)
+            json.dump(self.to_dict(), f)
 
     @classmethod
     def load(cls, path):
@@ -354,18 +373,7 @@ class BPETokenizer:
         except ValueError as err:  # bad UTF-8 or JSON
             raise ValueError(f"{path} is not a tokenizer file (corrupt or truncated: {err}); save "
                              "it again with BPETokenizer.save") from None
-        if not isinstance(state, dict) or state.get("format") != "tokenizer_bpe":
-            raise ValueError(f"{path} is not a tokenizer_bpe file: save one with BPETokenizer.save")
-        if state.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {state.get('version')!r}, this code reads "
-                             f"version {FORMAT_VERSION}: retrain with python tokenizer_bpe.py")
-        try:
-            tok = cls(pattern=state["pattern"], special_tokens=())
-            tok._install(state["byte_order"], state["merges"], state["special_tokens"])
-        except (KeyError, TypeError, AttributeError, ValueError) as err:
-            raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); save it again "
-                             "with BPETokenizer.save") from None
-        return tok
+        return cls.from_dict(state, path)
 
     # ---- tiktoken, both ways ----
 
