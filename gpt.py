@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; we never use it
@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = field(default=1337, metadata={"help": "random seed"})
     tokenizer: str = field(default="char", metadata={"help": "char, or bpe (tokenizer_bpe.py)"})
     vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size, with --tokenizer bpe"})
-    max_iters: int = field(default=2600, metadata={"help": "optimizer steps"})
+    max_iters: int = field(default=2000, metadata={"help": "optimizer steps"})
     eval_interval: int = field(default=500, metadata={"help": "steps between evaluations and checkpoints"})
     eval_iters: int = field(default=20, metadata={"help": "batches per split in each evaluation"})
     log_interval: int = field(default=100, metadata={"help": "steps between log lines"})
@@ -84,7 +84,7 @@ class TrainConfig:
 PRESETS = {
     "cpu": {},
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
-                learning_rate=1e-3, max_iters=5000, eval_interval=250, eval_iters=200, warmup_iters=100),
+                learning_rate=1e-3, max_iters=5000, eval_interval=500, eval_iters=50, warmup_iters=100),
 }
 
 
@@ -165,6 +165,13 @@ def build_tokenizer(text, cfg):
     return tokenizer
 
 
+def encode(tokenizer, text):
+    """Token ids; with BPE, <|endoftext|> in the text is the special token that separates documents."""
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer.encode(text)
+    return tokenizer.encode(text, allowed_special="all")
+
+
 def tokenizer_state(tokenizer):
     """A plain dict that goes into the checkpoint, so sampling needs no input.txt."""
     if isinstance(tokenizer, CharTokenizer):
@@ -187,8 +194,8 @@ def split_data(text, tokenizer, block_size, path):
     """90 % of the text for training, the last 10 % for validation, each encoded on its own so that no
     token straddles the cut; the validation split must hold at least one (x, y) window."""
     cut = int(0.9 * len(text))
-    train = torch.tensor(tokenizer.encode(text[:cut]), dtype=torch.long)
-    val = torch.tensor(tokenizer.encode(text[cut:]), dtype=torch.long)
+    train = torch.tensor(encode(tokenizer, text[:cut]), dtype=torch.long)
+    val = torch.tensor(encode(tokenizer, text[cut:]), dtype=torch.long)
     if len(val) <= block_size:
         raise ValueError(f"{path}: the validation split has {len(val)} tokens but needs more than "
                          f"block_size={block_size}; use a longer text or a smaller --block-size")
@@ -354,7 +361,9 @@ class GPT(nn.Module):
         """Append max_new_tokens sampled tokens to idx (B, T). With the cache, the prompt is processed
         once and then one token per step; without it, the whole context is recomputed every step.
         Both see the same context: once it would exceed block_size, it slides to the newest half
-        block, which the cache then re-processes (positions restart at 0)."""
+        block, which the cache then re-processes (positions restart at 0). Half a block balances the
+        two costs: every token still sees at least block/2 of context, and the re-processing happens
+        once per block/2 new tokens instead of at every token."""
         was_training = self.training
         self.eval()  # no dropout while generating
         block = self.cfg.block_size
@@ -362,7 +371,7 @@ class GPT(nn.Module):
         cache = None
         for _ in range(max_new_tokens):
             if idx.size(1) - window_start > block:
-                window_start = idx.size(1) - block // 2
+                window_start = idx.size(1) - max(1, block // 2)
                 cache = None
             context = idx[:, window_start:]  # (B, <= block)
             if use_cache:
@@ -435,7 +444,7 @@ def estimate_loss(model, splits, cfg, block_size, device, autocast):
     return losses
 
 
-def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val_loss, tokenizer, batch_rng):
+def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val_loss, tokenizer):
     """Everything needed to resume exactly or to sample, as tensors and plain types (weights_only-safe).
     Written to a temp file and renamed, so a crash mid-write never leaves a broken ckpt.pt."""
     state = {
@@ -446,13 +455,16 @@ def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val
         "optimizer": optimizer.state_dict(),
         "step": step,
         "best_val_loss": best_val_loss,
-        "rng": {"torch": torch.get_rng_state(), "batches": batch_rng.get_state(),
+        "rng": {"torch": torch.get_rng_state(),  # dropout; the batches need none (batch_generator)
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
         "tokenizer": tokenizer_state(tokenizer),
     }
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write the checkpoint ({err.strerror}); free some disk space "
+                         "or pass another --out-dir") from None
 
 
 def load_checkpoint(path, device):
@@ -467,6 +479,7 @@ def load_checkpoint(path, device):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a gpt.py checkpoint of format {CHECKPOINT_FORMAT}; train again with this gpt.py")
     try:
+        TrainConfig(**ckpt["train_config"])
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError) as err:
@@ -475,18 +488,27 @@ def load_checkpoint(path, device):
     return ckpt, model.to(device)
 
 
-def setup_distributed():
+def setup_distributed(device):
     """(rank, world_size, local_rank); torchrun sets RANK, WORLD_SIZE and LOCAL_RANK."""
     if "RANK" not in os.environ:
         return 0, 1, 0
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")  # gloo: CPU tensors
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def train(cfg, model_cfg):
-    rank, world_size, local_rank = setup_distributed()
-    master = rank == 0  # only rank 0 logs, evaluates and saves
+def batch_generator(seed, step, rank, world_size):
+    """Each rank's batches of one step come from their own seed: ranks draw different batches, and a
+    resumed run draws exactly the batches it would have, with no generator state to save. torch's CPU
+    generator keeps 32 bits of a seed; multiplying by an odd number is one-to-one modulo 2**32, so
+    every (step, rank) gets its own seed."""
+    return torch.Generator().manual_seed((seed + 1_000_003 * (step * world_size + rank)) % 2**32)
+
+
+def train(cfg, model_cfg, given=frozenset()):
+    """Train from scratch, or from <out-dir>/ckpt.pt with --resume; given: the flags on the command line."""
     device = pick_device(cfg.device)
+    rank, world_size, local_rank = setup_distributed(device)
+    master = rank == 0  # only rank 0 logs, evaluates and saves
     if device == "cuda" and world_size > 1:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -498,12 +520,23 @@ def train(cfg, model_cfg):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     log = print if master else (lambda *args, **kwargs: None)
+    try:  # before any work, so a bad --out-dir costs nothing
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out-dir {cfg.out_dir}: cannot create it ({err.strerror}); pass a writable directory") from None
 
     # 1) data and tokenizer (from the checkpoint when resuming, so the ids mean the same)
     text = read_text(cfg.input)
     ckpt = None
     if cfg.resume:
         ckpt, model = load_checkpoint(ckpt_path, device)
+        for name in given & {f.name for f in dataclasses.fields(GPTConfig)}:
+            if getattr(model_cfg, name) != getattr(model.cfg, name):
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(model_cfg, name)} differs from the checkpoint's "
+                                 f"{getattr(model.cfg, name)}; leave the model's flags out when resuming")
+        # the run's own settings, except what this command line sets again (say, a larger --max-iters)
+        saved = TrainConfig(**ckpt["train_config"])
+        cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
         model_cfg = model.cfg
         tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     else:
@@ -525,15 +558,13 @@ def train(cfg, model_cfg):
     log(f"model: {n_params / 1e6:.2f} M parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
         f"{model_cfg.n_embd} wide, block {model_cfg.block_size}) on {device}")
 
-    # 2) optimizer and random state; resuming restores all three, so the run continues exactly
+    # 2) optimizer and random state; resuming restores both, so the run continues exactly
     optimizer = make_optimizer(model, cfg, device_type)
-    batch_rng = torch.Generator().manual_seed(cfg.seed + rank)  # each rank draws different batches
     step, best_val_loss = 0, float("inf")
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        batch_rng.set_state(ckpt["rng"]["batches"].cpu())
         if ckpt["rng"]["cuda"] is not None and device_type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
         log(f"resumed from {ckpt_path} at step {step}")
@@ -543,91 +574,104 @@ def train(cfg, model_cfg):
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-    # 3) Ctrl-C: finish the current step, save, and exit (a second Ctrl-C kills at once)
+    def checkpoint():
+        if master:
+            save_checkpoint(ckpt_path, raw_model, optimizer, model_cfg, cfg, step, best_val_loss, tokenizer)
+
+    # 3) the loop; Ctrl-C finishes the current step, saves and exits (a second Ctrl-C kills at once)
+    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * world_size
+    t_log, steps_since_log = time.perf_counter(), 0
+    start_step, local_loss, step_loss = step, float("nan"), torch.full((), float("nan"))
+    stopping = False
+    with stop_on_ctrl_c() as stop:
+        while True:
+            # (a resumed run has just been evaluated and saved at its first step)
+            if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (ckpt and step == start_step):
+                if master:
+                    losses = estimate_loss(raw_model, {"train": train_data, "val": val_data}, cfg,
+                                           model_cfg.block_size, device, autocast)
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                        f"(val {losses['val'] * bits_per_unit:.3f} bits/{unit})")
+                    checkpoint()
+                t_log = time.perf_counter()  # evaluation time is not training time
+            if step >= cfg.max_iters:
+                break
+            if world_size == 1:
+                stopping = stop["requested"]
+            elif step % cfg.log_interval == 0:  # every rank must agree to stop, or the others would wait forever;
+                flag = torch.tensor([float(stop["requested"])], device=device)  # asked at log steps only: a sync
+                dist.all_reduce(flag)
+                stopping = flag.item() > 0  # kept apart from stop["requested"]: a Ctrl-C arriving now still counts
+            if stopping:
+                checkpoint()
+                log(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
+                break
+
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            batches = batch_generator(cfg.seed, step, rank, world_size)
+            for micro_step in range(cfg.grad_accum):
+                x, y = get_batch(train_data, cfg.batch_size, model_cfg.block_size, batches, device)
+                last = micro_step == cfg.grad_accum - 1
+                # DDP all-reduces gradients in backward(); only the last micro-step needs it
+                with nullcontext() if world_size == 1 or last else model.no_sync():
+                    with autocast:
+                        _, loss = model(x, y)
+                    (loss / cfg.grad_accum).backward()
+                step_loss += loss.detach() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_since_log += 1
+
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                local_loss = step_loss.item()  # this rank's batches only
+                if world_size > 1:
+                    dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+                elapsed = time.perf_counter() - t_log
+                log(f"step {step}: loss {step_loss.item():.4f}, lr {lr:.2e}, {1000 * elapsed / steps_since_log:.1f} ms/step, "
+                    f"{tokens_per_step * steps_since_log / elapsed:,.0f} tokens/s")
+                t_log, steps_since_log = time.perf_counter(), 0
+        if world_size > 1:
+            print(f"rank {rank}/{world_size}: finished at step {step}; last logged loss {local_loss:.6f} on this rank's "
+                  f"batches, {step_loss.item():.6f} all-reduced")
+    if world_size > 1:
+        dist.destroy_process_group()
+    if master and not stopping and cfg.max_new_tokens > 0:
+        print_sample(raw_model, tokenizer, cfg, device)
+    return raw_model
+
+
+@contextmanager
+def stop_on_ctrl_c():
+    """Within: Ctrl-C (SIGINT) only sets stop["requested"], for the loop to act on between steps."""
     stop = {"requested": False}
 
     def request_stop(signum, frame):
         stop["requested"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-
-    def checkpoint():
-        if master:
-            save_checkpoint(ckpt_path, raw_model, optimizer, model_cfg, cfg, step, best_val_loss, tokenizer, batch_rng)
-
-    # 4) the loop
-    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * world_size
-    t_log, steps_since_log = time.perf_counter(), 0
-    start_step = step
-    while True:
-        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (ckpt and step == start_step):
-            if master:
-                losses = estimate_loss(raw_model, {"train": train_data, "val": val_data}, cfg,
-                                       model_cfg.block_size, device, autocast)
-                best_val_loss = min(best_val_loss, losses["val"])
-                log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                    f"(val {losses['val'] * bits_per_unit:.3f} bits/{unit})")
-                checkpoint()
-            t_log = time.perf_counter()  # evaluation time is not training time
-        if step >= cfg.max_iters:
-            break
-        if world_size > 1:  # every rank must agree to stop, or the others would wait forever
-            flag = torch.tensor([float(stop["requested"])], device=device)
-            dist.all_reduce(flag)
-            stop["requested"] = flag.item() > 0
-        if stop["requested"]:
-            checkpoint()
-            log(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
-            break
-
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro_step in range(cfg.grad_accum):
-            x, y = get_batch(train_data, cfg.batch_size, model_cfg.block_size, batch_rng, device)
-            last = micro_step == cfg.grad_accum - 1
-            # DDP all-reduces gradients in backward(); only the last micro-step needs it
-            with nullcontext() if world_size == 1 or last else model.no_sync():
-                with autocast:
-                    _, loss = model(x, y)
-                (loss / cfg.grad_accum).backward()
-            step_loss += loss.detach() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_since_log += 1
-
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            local_loss = step_loss.item()  # this rank's batches only
-            if world_size > 1:
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            elapsed = time.perf_counter() - t_log
-            log(f"step {step}: loss {step_loss.item():.4f}, lr {lr:.2e}, {1000 * elapsed / steps_since_log:.1f} ms/step, "
-                f"{tokens_per_step * steps_since_log / elapsed:,.0f} tokens/s")
-            t_log, steps_since_log = time.perf_counter(), 0
-    signal.signal(signal.SIGINT, previous_handler)
-    if world_size > 1:
-        print(f"rank {rank}/{world_size}: finished at step {step}; last logged loss {local_loss:.6f} on this rank's "
-              f"batches, {step_loss.item():.6f} all-reduced")
-        dist.destroy_process_group()
-    if master and not stop["requested"] and cfg.max_new_tokens > 0:
-        print_sample(raw_model, tokenizer, cfg, device)
-    return raw_model
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
 
 
 def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
     """torch.compile fails late (at the first call) when no compiler toolchain works: try one step."""
     try:
         compiled = torch.compile(model)
-        rng = torch.get_rng_state()
         x, y = get_batch(train_data, cfg.batch_size, block_size, torch.Generator().manual_seed(0), device)
-        with autocast:
-            compiled(x, y)[1].backward()
+        with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):  # the trial step
+            with autocast:  # must not change the run: its dropout draws are undone
+                compiled(x, y)[1].backward()
         model.zero_grad(set_to_none=True)
-        torch.set_rng_state(rng)  # the trial step must not change the run
         return compiled
     except Exception as err:
         print(f"--compile failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]}); training without it")
@@ -640,7 +684,12 @@ def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
 # ----------------------------------------------------------------------------------------------
 
 def print_sample(model, tokenizer, cfg, device):
-    prompt_ids = tokenizer.encode(cfg.prompt or "\n")
+    try:
+        prompt_ids = encode(tokenizer, cfg.prompt)
+    except ValueError:
+        if cfg.prompt != TrainConfig.prompt:
+            raise
+        prompt_ids = [0]  # the default "\n" is not in this text's vocabulary: start from its first character
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -648,8 +697,11 @@ def print_sample(model, tokenizer, cfg, device):
     elapsed = time.perf_counter() - t0
     print(tokenizer.decode(out[0].tolist()))
     mc = model.cfg
-    cache_bytes = 2 * mc.n_layer * mc.kv_heads() * mc.block_size * (mc.n_embd // mc.n_head) * model.wte.weight.element_size()
-    cache_note = f"KV cache {cache_bytes / 1024:.0f} KiB ({mc.kv_heads()} of {mc.n_head} heads keep K/V)" if cfg.kv_cache else "no KV cache"
+    if cfg.kv_cache:
+        cache_bytes = KVCache(mc, 1, device, model.wte.weight.dtype).nbytes()
+        cache_note = f"KV cache {cache_bytes / 1024:.0f} KiB ({mc.kv_heads()} of {mc.n_head} heads keep K/V)"
+    else:
+        cache_note = "no KV cache: the whole context recomputed for every token"
     print(f"generated {cfg.max_new_tokens} tokens in {elapsed:.2f} s: {cfg.max_new_tokens / elapsed:.0f} tokens/s, {cache_note}")
 
 
@@ -680,7 +732,9 @@ def parse_args(argv=None):
     problem = config_problem(model_cfg, cfg)
     if problem:
         parser.error(problem)
-    return model_cfg, cfg
+    parser.set_defaults(**{name: None for name in vars(args)})  # parse again: what is not None was typed
+    given = frozenset(name for name, value in vars(parser.parse_args(argv)).items() if value is not None)
+    return model_cfg, cfg, given
 
 
 def config_problem(m, c):
@@ -716,11 +770,11 @@ def config_problem(m, c):
 
 def main(argv=None):
     gc.freeze()  # torch's 160k objects live until exit: exempt them from garbage collection (0.5 s)
-    model_cfg, cfg = parse_args(argv)
+    model_cfg, cfg, given = parse_args(argv)
     if cfg.sample:
         sample(cfg)
     else:
-        train(cfg, model_cfg)
+        train(cfg, model_cfg, given)
 
 
 if __name__ == "__main__":
@@ -728,3 +782,5 @@ if __name__ == "__main__":
         main()
     except ValueError as err:  # bad input: one line, no traceback
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C outside training (where it saves first): no traceback either
+        sys.exit("interrupted")
