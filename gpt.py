@@ -526,7 +526,6 @@ def train(cfg, model_cfg, given=frozenset()):
         raise ValueError(f"--out-dir {cfg.out_dir}: cannot create it ({err.strerror}); pass a writable directory") from None
 
     # 1) data and tokenizer (from the checkpoint when resuming, so the ids mean the same)
-    text = read_text(cfg.input)
     ckpt = None
     if cfg.resume:
         ckpt, model = load_checkpoint(ckpt_path, device)
@@ -539,7 +538,8 @@ def train(cfg, model_cfg, given=frozenset()):
         cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
         model_cfg = model.cfg
         tokenizer = tokenizer_from_state(ckpt["tokenizer"])
-    else:
+    text = read_text(cfg.input)
+    if ckpt is None:
         t0 = time.perf_counter()
         tokenizer = build_tokenizer(text, cfg)
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size_of(tokenizer))
@@ -641,6 +641,7 @@ def train(cfg, model_cfg, given=frozenset()):
             print(f"rank {rank}/{world_size}: finished at step {step}; last logged loss {local_loss:.6f} on this rank's "
                   f"batches, {step_loss.item():.6f} all-reduced")
     if world_size > 1:
+        dist.barrier()  # rank 0 may still be evaluating: tearing down gloo under it aborts the process
         dist.destroy_process_group()
     if master and not stopping and cfg.max_new_tokens > 0:
         print_sample(raw_model, tokenizer, cfg, device)
