@@ -231,7 +231,7 @@ class KVCache:
     """Keys and values of the tokens seen so far, so each new token costs one position, not T."""
 
     def __init__(self, cfg, batch_size, device, dtype):
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads(), cfg.block_size, cfg.n_embd // cfg.n_head)
+        shape = KVCache.shape(cfg, batch_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_kv, block, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens cached = the position of the next token
@@ -242,6 +242,11 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    @staticmethod
+    def shape(cfg, batch_size):
+        """Only n_kv_head heads are stored: grouped-query attention shrinks the cache n_head/n_kv_head times."""
+        return cfg.n_layer, batch_size, cfg.kv_heads(), cfg.block_size, cfg.n_embd // cfg.n_head
 
     def nbytes(self):
         return self.k.nbytes + self.v.nbytes
@@ -699,7 +704,7 @@ def print_sample(model, tokenizer, cfg, device):
     print(tokenizer.decode(out[0].tolist()))
     mc = model.cfg
     if cfg.kv_cache:
-        cache_bytes = KVCache(mc, 1, device, model.wte.weight.dtype).nbytes()
+        cache_bytes = 2 * math.prod(KVCache.shape(mc, 1)) * model.wte.weight.element_size()  # keys and values
         cache_note = f"KV cache {cache_bytes / 1024:.0f} KiB ({mc.kv_heads()} of {mc.n_head} heads keep K/V)"
     else:
         cache_note = "no KV cache: the whole context recomputed for every token"

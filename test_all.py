@@ -747,7 +747,8 @@ def test_gpt_script_trains_checkpoints_and_samples(tmp_path):
                      tmp_path).stdout
     text = sample[: sample.rindex("\ngenerated")]
     assert text.startswith("ALL:") and len(text) == len("ALL:") + 30  # one character per token
-    assert re.search(r"generated 30 tokens in [0-9.]+ s: [0-9]+ tokens/s, KV cache", sample)
+    assert re.search(r"generated 30 tokens in [0-9.]+ s: [0-9]+ tokens/s, KV cache 2 KiB", sample)
+    # keys and values x 1 layer x 2 heads x block 16 x head size 8 x 4 bytes = 2 KiB
 
 
 def test_gpt_stop_and_resume_gives_the_same_losses_as_one_run(tmp_path):
