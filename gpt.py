@@ -16,7 +16,6 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; we never use it
 import torch  # noqa: E402
@@ -31,52 +30,52 @@ CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes, so old files f
 # Config: the single source of every hyperparameter; each field is also a --flag.
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclasses.dataclass
 class GPTConfig:
-    block_size: int = field(default=64, metadata={"help": "context length in tokens"})
-    n_layer: int = field(default=2, metadata={"help": "transformer blocks"})
-    n_head: int = field(default=4, metadata={"help": "query heads per attention layer"})
-    n_kv_head: int = field(default=0, metadata={"help": "key/value heads (grouped-query attention); 0 = n_head, 1 = multi-query"})
-    n_embd: int = field(default=128, metadata={"help": "embedding width"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout probability while training"})
-    bias: bool = field(default=True, metadata={"help": "biases in Linear and LayerNorm layers, as GPT-2"})
-    rope: bool = field(default=False, metadata={"help": "rotary position embeddings instead of a learned position table"})
+    block_size: int = dataclasses.field(default=64, metadata={"help": "context length in tokens"})
+    n_layer: int = dataclasses.field(default=2, metadata={"help": "transformer blocks"})
+    n_head: int = dataclasses.field(default=4, metadata={"help": "query heads per attention layer"})
+    n_kv_head: int = dataclasses.field(default=0, metadata={"help": "key/value heads (grouped-query); 0 = n_head, 1 = multi-query"})
+    n_embd: int = dataclasses.field(default=128, metadata={"help": "embedding width"})
+    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout probability while training"})
+    bias: bool = dataclasses.field(default=True, metadata={"help": "biases in Linear and LayerNorm layers, as GPT-2"})
+    rope: bool = dataclasses.field(default=False, metadata={"help": "rotary position embeddings, no position table"})
     vocab_size: int = 0  # derived from the tokenizer, so it has no flag
 
     def kv_heads(self):
         return self.n_kv_head or self.n_head
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
-    input: str = field(default="input.txt", metadata={"help": "training text (UTF-8)"})
-    out_dir: str = field(default="out", metadata={"help": "where ckpt.pt is written and read"})
-    preset: str = field(default="auto", metadata={"help": "defaults for the model and training: cpu, gpu, or auto (gpu on CUDA)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    seed: int = field(default=1337, metadata={"help": "random seed"})
-    tokenizer: str = field(default="char", metadata={"help": "char, or bpe (tokenizer_bpe.py)"})
-    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size, with --tokenizer bpe"})
-    max_iters: int = field(default=2000, metadata={"help": "optimizer steps"})
-    eval_interval: int = field(default=500, metadata={"help": "steps between evaluations and checkpoints"})
-    eval_iters: int = field(default=20, metadata={"help": "batches per split in each evaluation"})
-    log_interval: int = field(default=100, metadata={"help": "steps between log lines"})
-    batch_size: int = field(default=32, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (per process)"})
-    learning_rate: float = field(default=6e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak"})
-    warmup_iters: int = field(default=100, metadata={"help": "steps of linear learning-rate warmup"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on 2-D weights"})
-    beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 = off"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (falls back to eager on failure)"})
-    resume: bool = field(default=False, metadata={"help": "continue training from <out-dir>/ckpt.pt"})
-    sample: bool = field(default=False, metadata={"help": "only sample from <out-dir>/ckpt.pt"})
-    prompt: str = field(default="\n", metadata={"help": "text the sample continues"})
-    max_new_tokens: int = field(default=500, metadata={"help": "tokens to generate"})
-    temperature: float = field(default=0.8, metadata={"help": "sampling temperature; 0 = greedy"})
-    top_k: int = field(default=0, metadata={"help": "sample among the k likeliest tokens; 0 = off"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: smallest set with this much probability; 1 = off"})
-    kv_cache: bool = field(default=True, metadata={"help": "generate with the KV cache (--no-kv-cache recomputes the context)"})
+    input: str = dataclasses.field(default="input.txt", metadata={"help": "training text (UTF-8)"})
+    out_dir: str = dataclasses.field(default="out", metadata={"help": "where ckpt.pt is written and read"})
+    preset: str = dataclasses.field(default="auto", metadata={"help": "default settings: cpu, gpu, or auto (gpu on CUDA)"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    seed: int = dataclasses.field(default=1337, metadata={"help": "random seed"})
+    tokenizer: str = dataclasses.field(default="char", metadata={"help": "char, or bpe (tokenizer_bpe.py)"})
+    vocab_size: int = dataclasses.field(default=512, metadata={"help": "BPE vocabulary size, with --tokenizer bpe"})
+    max_iters: int = dataclasses.field(default=2000, metadata={"help": "optimizer steps"})
+    eval_interval: int = dataclasses.field(default=500, metadata={"help": "steps between evaluations and checkpoints"})
+    eval_iters: int = dataclasses.field(default=20, metadata={"help": "batches per split in each evaluation"})
+    log_interval: int = dataclasses.field(default=100, metadata={"help": "steps between log lines"})
+    batch_size: int = dataclasses.field(default=32, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = dataclasses.field(default=1, metadata={"help": "micro-batches per optimizer step (per process)"})
+    learning_rate: float = dataclasses.field(default=6e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = dataclasses.field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak"})
+    warmup_iters: int = dataclasses.field(default=100, metadata={"help": "steps of linear learning-rate warmup"})
+    weight_decay: float = dataclasses.field(default=0.1, metadata={"help": "AdamW weight decay on 2-D weights"})
+    beta2: float = dataclasses.field(default=0.99, metadata={"help": "AdamW beta2"})
+    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 = off"})
+    compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the model (eager if it fails)"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue training from <out-dir>/ckpt.pt"})
+    sample: bool = dataclasses.field(default=False, metadata={"help": "only sample from <out-dir>/ckpt.pt"})
+    prompt: str = dataclasses.field(default="\n", metadata={"help": "text the sample continues"})
+    max_new_tokens: int = dataclasses.field(default=500, metadata={"help": "tokens to generate"})
+    temperature: float = dataclasses.field(default=0.8, metadata={"help": "sampling temperature; 0 = greedy"})
+    top_k: int = dataclasses.field(default=0, metadata={"help": "sample among the k likeliest tokens; 0 = off"})
+    top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus: smallest set with this probability; 1 = off"})
+    kv_cache: bool = dataclasses.field(default=True, metadata={"help": "generate with the KV cache (or recompute the context)"})
 
 
 # Defaults per machine, chosen by measurement (see README): a 2-core CPU gets a small, wide-batch,
