@@ -142,7 +142,7 @@ class CharTokenizer:
     def __init__(self, chars):
         self.chars = chars
         self.stoi = {ch: i for i, ch in enumerate(chars)}
-        self.vocab_size = len(chars)
+        self.vocab = dict(enumerate(chars))  # id -> character, as BPETokenizer.vocab is id -> bytes
 
     def encode(self, text):
         unknown = [ch for ch in dict.fromkeys(text) if ch not in self.stoi]  # in order of appearance
@@ -183,10 +183,6 @@ def tokenizer_from_state(state):
         return CharTokenizer(state["chars"])
     import tokenizer_bpe
     return tokenizer_bpe.BPETokenizer.from_dict(state["bpe"], "the checkpoint's tokenizer")
-
-
-def vocab_size_of(tokenizer):
-    return tokenizer.vocab_size if isinstance(tokenizer, CharTokenizer) else len(tokenizer.vocab)
 
 
 def split_data(text, tokenizer, block_size, path):
@@ -546,7 +542,7 @@ def train(cfg, model_cfg, given=frozenset()):
     if ckpt is None:
         t0 = time.perf_counter()
         tokenizer = build_tokenizer(text, cfg)
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size_of(tokenizer))
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.vocab))
         if cfg.tokenizer == "bpe":
             log(f"trained a BPE tokenizer of {model_cfg.vocab_size} tokens in {time.perf_counter() - t0:.2f} s")
         model = GPT(model_cfg).to(device)
@@ -725,9 +721,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_flags(parser, GPTConfig())
     add_flags(parser, TrainConfig())
-    preset = parser.parse_known_args(argv)[0].preset
+    first = parser.parse_known_args(argv)[0]
+    preset = first.preset
     if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() and parser.parse_known_args(argv)[0].device in ("auto", "cuda") else "cpu"
+        preset = "gpu" if torch.cuda.is_available() and first.device in ("auto", "cuda") else "cpu"
     if preset not in PRESETS:
         parser.error(f"--preset {preset!r}: choose cpu, gpu or auto")
     parser.set_defaults(**PRESETS[preset])
