@@ -1,13 +1,20 @@
 """
-A byte-level BPE tokenizer from scratch: how GPT-2 and GPT-4 turn text into token ids.
+How text becomes token ids: words, then bytes merged by BPE, the way GPT-2 and GPT-4 do it.
 
-Text becomes UTF-8 bytes, ids 0..255. Training finds the most frequent adjacent pair of ids and
-gives it a new id (merge i gets id 256 + i), again and again. Encoding replays the merges in the
-order they were learned; decoding joins the bytes back. First a regex splits text into chunks
-(words, numbers, punctuation, whitespace), and no merge ever crosses a chunk boundary.
+The first idea is one token per word. It is a few lines (WordTokenizer), and it shows the two
+problems that subwords solve: the vocabulary keeps growing with the text, and a word it has never
+seen can only become <|unk|>.
+
+A byte-level BPE tokenizer has neither problem. Text becomes UTF-8 bytes, ids 0..255. Training
+finds the most frequent adjacent pair of ids and gives it a new id (merge i gets id 256 + i), again
+and again. Encoding replays the merges in the order they were learned; decoding joins the bytes
+back. First a regex splits text into chunks (words, numbers, punctuation, whitespace), and no
+merge ever crosses a chunk boundary. At the end, the script compares the three: words,
+characters and BPE, on text none of them was trained on.
 
     python tokenizer_bpe.py                        # vocab 512 on input.txt, prints a benchmark
     python tokenizer_bpe.py --vocab-size 4096 --pattern gpt2 --out out/bpe_gpt2.json
+    python tokenizer_bpe.py --compare              # words vs characters vs BPE, and tokens.png
 """
 import argparse
 import heapq
@@ -17,8 +24,52 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import regex
+
+# ---------------------------------------------------------------------------------------------
+# First lesson: one token per word
+# ---------------------------------------------------------------------------------------------
+
+ENDOFTEXT, UNK = "<|endoftext|>", "<|unk|>"
+WORD_PATTERN = r"\w+(?:'\w+)*|[^\w\s]"  # a word (with inner apostrophes: I'll, o'er), or one mark
+MARK = re.compile(r"[^\w\s]")
+
+
+class WordTokenizer:
+    """Each word and each punctuation mark is a token; the vocabulary is every distinct one in the
+    training text, then <|endoftext|> (between documents) and <|unk|> (for anything else).
+
+    Whitespace is dropped, as in the classic word tokenizer: decode puts one space before each
+    token except a punctuation mark. So the tokens always round-trip, encode(decode(ids)) == ids,
+    and the text does exactly when it is spaced that way ("To be, or not to be: that is the
+    question.") and has no unknown word; otherwise line breaks and extra spaces are lost."""
+
+    def __init__(self, text):
+        specials = (ENDOFTEXT, UNK)
+        # The special tokens come first in the regex, so that they are never cut into marks.
+        self._regex = re.compile("|".join(map(re.escape, specials)) + "|" + WORD_PATTERN)
+        words = sorted(set(self.split(text)) - set(specials))
+        self.vocab = dict(enumerate(words + list(specials)))  # id -> token
+        self.ids = {token: i for i, token in self.vocab.items()}  # token -> id, derived
+
+    def split(self, text):
+        return self._regex.findall(text)
+
+    def encode(self, text):
+        unk = self.ids[UNK]
+        return [self.ids.get(token, unk) for token in self.split(text)]
+
+    def decode(self, ids):
+        try:
+            tokens = [self.vocab[i] for i in ids]
+        except (KeyError, TypeError):
+            bad = next(i for i in ids if not isinstance(i, int) or i not in self.vocab)
+            raise ValueError(f"unknown token id {bad!r}: ids are 0..{len(self.vocab) - 1}") from None
+        return "".join(token if i == 0 or MARK.fullmatch(token) else " " + token
+                       for i, token in enumerate(tokens))
+
 
 # ---------------------------------------------------------------------------------------------
 # Split patterns: the exact strings tiktoken ships (possessive ++ and ?+ never backtrack)
@@ -29,7 +80,6 @@ GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
                 r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN, "none": None}
-ENDOFTEXT = "<|endoftext|>"
 FORMAT_VERSION = 1
 
 # tiktoken's Rust regex knows Unicode 16.0, the `regex` module a newer version (18.0 as of regex
