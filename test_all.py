@@ -399,7 +399,7 @@ def test_word_tokenizer_round_trip_unknowns_and_special_tokens():
 
 def test_coverage_equals_hand_count():
     # a 5 times, b 3, c 1, d 1: a alone is 50 %; a, b, c are 9 of 10 = 90 %; 99 % needs all four
-    assert bpe.coverage(list("aaaaabbbcd")) == [1, 3, 4]
+    assert bpe.coverage(list("dbacbabaaa")) == [1, 3, 4]
     # a is 7 of 100 tokens, exactly 7 %, although 0.07 * 100 == 7.000000000000001 in floating point
     assert bpe.coverage(["a"] * 7 + list(range(93)), percents=(7, 8)) == [1, 2]
 
@@ -414,6 +414,16 @@ def test_compression_and_unknown_rate_by_hand():
     rows, _ = bpe.bpe_rows("aaabdaaabac", "aaab", None, [257, 259])
     assert [(row.vocab_size, row.tokens) for row in rows] == [(258, [256, 97, 98]), (260, [258])]
     assert [bpe.token_stats(row, 4)[:2] for row in rows] == [(3 / 4, 0.0), (1 / 4, 0.0)]
+
+
+def test_word_puzzle_numbers_by_hand(capsys):
+    train = "the cat sat. the cat ran, then"  # 9 tokens, 7 distinct, 5 of them seen once
+    bpe.print_word_puzzle(bpe.WordTokenizer(train), train, "the dog sat the dog.")
+    printed = " ".join(capsys.readouterr().out.split())
+    for part in ["7 distinct words and marks in the training text (1 in its first ninth, 3 in its "
+                 "first third", "brings 1 new ones, 33.33% of its tokens", "needs 8,",
+                 "seen once in training: 5, 55.56% of the training tokens"]:
+        assert part in printed
 
 
 def test_bpe_rows_equal_tokenizers_trained_to_each_size():

@@ -633,10 +633,10 @@ def print_word_puzzle(word_tok, train_text, held_out):
     print(f"word vocabulary: {len(seen):,} distinct words and marks in the training text "
           f"({growth[0]:,} in its first ninth, {growth[1]:,} in its first third: still growing)")
     print(f"the held-out text brings {len(new):,} new ones, {n_unknown / len(held_words):.2%} of "
-          f"its words: a vocabulary with no unknown here needs {len(seen | new):,} words, and the "
-          "next text brings more")
-    print(f"words seen once in training: {once:,} = {once / len(train_words):.2%} of the training "
-          "words, Good-Turing's estimate of the share of new words in new text")
+          f"its tokens: a vocabulary without unknowns here needs {len(seen | new):,}, and the next "
+          "text brings more")
+    print(f"seen once in training: {once:,}, {once / len(train_words):.2%} of the training tokens: "
+          "Good-Turing's estimate of the share of unseen ones in new text")
 
 
 def draw_token_distribution(path, word_tok, held_out, rows):
@@ -645,7 +645,10 @@ def draw_token_distribution(path, word_tok, held_out, rows):
     words themselves; red marks the words the word tokenizer never saw, which it turns into
     <|unk|>: most are in the tail of words that occur once or twice, and a dotted line marks the
     most frequent of them, where the unknowns start."""
-    from matplotlib.figure import Figure  # only the picture needs matplotlib (Agg, no display)
+    try:
+        from matplotlib.figure import Figure  # only the picture needs matplotlib (Agg, no display)
+    except ImportError:
+        raise ValueError("drawing tokens.png needs matplotlib: pip install matplotlib") from None
     fig = Figure(figsize=(9, 6), layout="constrained")
     ax = fig.subplots()
     for row in rows:
