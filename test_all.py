@@ -421,7 +421,7 @@ def test_word_puzzle_numbers_by_hand(capsys):
     bpe.print_word_puzzle(bpe.WordTokenizer(train), train, "the dog sat the dog.")
     printed = " ".join(capsys.readouterr().out.split())
     for part in ["7 distinct words and marks in the training text (1 in its first ninth, 3 in its "
-                 "first third", "brings 1 new ones, 33.33% of its tokens", "needs 8,",
+                 "first third", "brings 1 new ones (the most frequent: 'dog', 2 times), 33.33% of its tokens", "needs 8,",
                  "seen once in training: 5, 55.56% of the training tokens"]:
         assert part in printed
 

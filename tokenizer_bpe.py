@@ -526,7 +526,7 @@ def run(args):
 # The comparison: words, characters and BPE on the held-out text, and the token distribution
 # ---------------------------------------------------------------------------------------------
 
-COMPARE_VOCAB_SIZES = (512, 1024, 4096, 16384)  # 256 + 256 merges up to far more than 1 MB fills
+COMPARE_VOCAB_SIZES = (512, 1024, 4096, 16384)  # the last: more merges than 1 MB has pairs for
 
 
 @dataclass
@@ -622,19 +622,20 @@ def print_table(rows, n_bytes):
 
 
 def print_word_puzzle(word_tok, train_text, held_out):
-    """How big must a word vocabulary be? It grows with the text and new text still brings new
-    words: the words seen only once in training are about as many (Good-Turing's estimate)."""
+    """How big must a word vocabulary be? It keeps growing with the text, and new text still
+    brings words never seen: roughly as many as training saw only once (Good-Turing)."""
     train_words, held_words = word_tok.split(train_text), word_tok.split(held_out)
     seen = set(train_words)
     growth = [len(set(train_words[:len(train_words) * k // 9])) for k in (1, 3)]
     once = sum(count == 1 for count in Counter(train_words).values())
-    new = {word for word in held_words if word not in seen}
-    n_unknown = sum(word in new for word in held_words)
+    new = Counter(word for word in held_words if word not in seen)
     print(f"word vocabulary: {len(seen):,} distinct words and marks in the training text "
           f"({growth[0]:,} in its first ninth, {growth[1]:,} in its first third: still growing)")
-    print(f"the held-out text brings {len(new):,} new ones, {n_unknown / len(held_words):.2%} of "
-          f"its tokens: a vocabulary without unknowns here needs {len(seen | new):,}, and the next "
-          "text brings more")
+    if new:
+        word, count = min(new.items(), key=lambda wc: (-wc[1], wc[0]))
+        print(f"the held-out text brings {len(new):,} new ones (the most frequent: {word!r}, "
+              f"{count:,} times), {new.total() / len(held_words):.2%} of its tokens: a vocabulary "
+              f"without unknowns here needs {len(seen) + len(new):,}, and the next text brings more")
     print(f"seen once in training: {once:,}, {once / len(train_words):.2%} of the training tokens: "
           "Good-Turing's estimate of the share of unseen ones in new text")
 
