@@ -524,9 +524,9 @@ def write_failure(err):
         err = err.__context__
     if not isinstance(err, OSError):
         return str(err).strip().splitlines()[0]
-    fix = {errno.ENOSPC: "free some disk space", errno.EACCES: "make --out-dir writable",
-           errno.EPERM: "make --out-dir writable", errno.EROFS: "pass a --out-dir on a writable disk"}.get(err.errno, "pass another --out-dir")
-    return f"{err.strerror or err}: {fix}"
+    fixes = {errno.ENOSPC: "free some disk space", errno.EACCES: "make --out-dir writable",
+             errno.EPERM: "make --out-dir writable", errno.EROFS: "pass a --out-dir on a writable disk"}
+    return f"{err.strerror or err}: {fixes.get(err.errno, 'pass another --out-dir')}"
 
 
 def load_checkpoint(path, device):
