@@ -14,7 +14,6 @@ import dataclasses
 import gc
 import math
 import os
-import signal
 import sys
 import time
 
@@ -106,11 +105,9 @@ def pick_device(name):
 
 def run_command_line(main):
     """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
-    progress live); bad input ends in one line, `error: ...`; Ctrl-C and SIGTERM (what `kill` and job
-    schedulers send) end in one line, `interrupted`; a reader that stops reading (`| head`) ends it
-    quietly instead of in a BrokenPipeError traceback."""
+    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
+    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
     sys.stdout.reconfigure(line_buffering=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM means what Ctrl-C means
     try:
         main()
     except ValueError as err:

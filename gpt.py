@@ -133,11 +133,9 @@ def pick_device(name):
 
 def run_command_line(main):
     """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
-    progress live); bad input ends in one line, `error: ...`; Ctrl-C and SIGTERM (what `kill` and job
-    schedulers send) end in one line, `interrupted`; a reader that stops reading (`| head`) ends it
-    quietly instead of in a BrokenPipeError traceback."""
+    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
+    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
     sys.stdout.reconfigure(line_buffering=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM means what Ctrl-C means
     try:
         main()
     except ValueError as err:
@@ -844,13 +842,14 @@ def print_line(line):
 def stop_on_signals(stop):
     """Within: Ctrl-C (SIGINT) and SIGTERM (sent by `kill`, job schedulers, preemptible machines, and by
     torchrun to its workers) only set stop["requested"], for the loop to act on between steps. A
-    second signal of the same kind interrupts at once."""
+    second signal of the same kind acts as it would outside: a KeyboardInterrupt, or the end at once.
+    (Outside the loop SIGTERM keeps its default, which ends even a process blocked in a C call.)"""
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.getsignal(signum) or signal.SIG_DFL for signum in signals}  # None: not set by Python
 
     def request_stop(signum, frame):
         stop["requested"] = True
-        signal.signal(signum, signal.default_int_handler)
+        signal.signal(signum, previous[signum])
 
     for signum in signals:
         signal.signal(signum, request_stop)

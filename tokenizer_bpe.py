@@ -14,7 +14,6 @@ import heapq
 import json
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -462,11 +461,9 @@ def out_problem(path):
 
 def run_command_line(main):
     """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
-    progress live); bad input ends in one line, `error: ...`; Ctrl-C and SIGTERM (what `kill` and job
-    schedulers send) end in one line, `interrupted`; a reader that stops reading (`| head`) ends it
-    quietly instead of in a BrokenPipeError traceback."""
+    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
+    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
     sys.stdout.reconfigure(line_buffering=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM means what Ctrl-C means
     try:
         main()
     except ValueError as err:
