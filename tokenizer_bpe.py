@@ -518,8 +518,9 @@ def main(argv=None):
                      f"got {args.vocab_size}")
     if not os.path.isfile(args.input):
         parser.error(f"--input {args.input}: no such file")
-    if out_problem(args.out):
-        parser.error(out_problem(args.out))
+    problem = out_problem(args.out)  # before training, so a bad path costs nothing
+    if problem:
+        parser.error(problem)
     try:
         run(args)
     except ValueError as err:
