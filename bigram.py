@@ -13,14 +13,13 @@ import argparse
 import dataclasses
 import gc
 import math
+import os
 import sys
 import time
-import warnings
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; we never use it
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
 
 # Add-alpha smoothing of the counts: an unseen pair gets a little probability instead of zero, which
 # would make a validation text that contains it infinitely surprising. Measured on input.txt, the
@@ -102,6 +101,22 @@ def pick_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: MPS is not available here; use --device cpu")
     return name
+
+
+def run_command_line(main):
+    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
+    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
+    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        sys.exit(1)
 
 
 # ---- data ----
@@ -270,7 +285,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    run_command_line(main)

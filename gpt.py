@@ -8,20 +8,20 @@ Read it top to bottom: config, data, model (attention -> block -> GPT), training
 """
 import argparse
 import dataclasses
+import errno
 import gc
 import math
 import os
+import platform
 import signal
 import sys
 import time
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch warns without numpy; we never use it
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes, so old files fail with a clear message
 
@@ -69,8 +69,9 @@ class TrainConfig:
     grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 = off"})
     compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the model (eager if it fails)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue training from <out-dir>/ckpt.pt"})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace a checkpoint in <out-dir>, else an error"})
     sample: bool = dataclasses.field(default=False, metadata={"help": "only sample from <out-dir>/ckpt.pt"})
-    prompt: str = dataclasses.field(default="\n", metadata={"help": "text the sample continues"})
+    prompt: str = dataclasses.field(default="", metadata={"help": "text the sample continues; empty: start after a newline"})
     max_new_tokens: int = dataclasses.field(default=500, metadata={"help": "tokens to generate"})
     temperature: float = dataclasses.field(default=0.8, metadata={"help": "sampling temperature; 0 = greedy"})
     top_k: int = dataclasses.field(default=0, metadata={"help": "sample among the k likeliest tokens; 0 = off"})
@@ -128,6 +129,22 @@ def pick_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: MPS is not available here; use --device cpu")
     return name
+
+
+def run_command_line(main):
+    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
+    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
+    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        sys.exit(1)
 
 # ----------------------------------------------------------------------------------------------
 
@@ -364,6 +381,10 @@ class GPT(nn.Module):
         block, which the cache then re-processes (positions restart at 0). Half a block balances the
         two costs: every token still sees at least block/2 of context, and the re-processing happens
         once per block/2 new tokens instead of at every token."""
+        if idx.size(1) == 0:
+            raise ValueError("the prompt holds no tokens: give at least one (gpt.py starts an empty --prompt "
+                             "from start_ids)")
+        check_sampling(temperature, top_k, top_p)
         was_training = self.training
         self.eval()  # no dropout while generating
         block = self.cfg.block_size
@@ -388,9 +409,13 @@ class GPT(nn.Module):
 
 def sample_next_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
     """logits (B, V) -> next token ids (B, 1)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)  # greedy
-    logits = logits.float() / temperature
+    check_sampling(temperature, top_k, top_p)
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small (1e-45) that float32 cannot divide by it
+        return logits.argmax(dim=-1, keepdim=True)  # greedy: the limit as the temperature goes to 0
+    logits = logits.float()
+    # The best logit subtracted first, so a tiny temperature sends the others to -inf but the best to 0:
+    # dividing first would give +inf, and softmax's inf - inf is nan.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V), all <= 0
     if top_k > 0:
         kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -401,6 +426,24 @@ def sample_next_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
         sorted_probs[before >= top_p] = 0.0  # keep the smallest prefix whose total reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # renormalises by itself
+
+
+def sampling_problem(temperature, top_k, top_p):
+    """The first bad sampling setting as (name, what is wrong), or None; nan fails every comparison.
+    The flags and the API (generate, sample_next_token) share it."""
+    if not 0.0 <= temperature < math.inf:
+        return "temperature", f"must be a finite number >= 0 (0 = greedy), got {temperature}"
+    if not (isinstance(top_k, int) and top_k >= 0):
+        return "top_k", f"must be an integer >= 0 (0 = off), got {top_k}"
+    if not 0.0 < top_p <= 1.0:
+        return "top_p", f"must be in (0, 1] (1 = off), got {top_p}"
+    return None
+
+
+def check_sampling(temperature, top_k, top_p):
+    problem = sampling_problem(temperature, top_k, top_p)
+    if problem:
+        raise ValueError(" ".join(problem))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,7 +489,7 @@ def estimate_loss(model, splits, cfg, block_size, device, autocast):
 
 def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val_loss, tokenizer):
     """Everything needed to resume exactly or to sample, as tensors and plain types (weights_only-safe).
-    Written to a temp file and renamed, so a crash mid-write never leaves a broken ckpt.pt."""
+    Written to a temp file and renamed, so a crash or a full disk mid-write never leaves a broken ckpt.pt."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
@@ -460,22 +503,50 @@ def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val
         "tokenizer": tokenizer_state(tokenizer),
     }
     try:
-        torch.save(state, path + ".tmp")
+        with open(path + ".tmp", "wb") as f:  # opened here, not by torch.save, so a failure names its cause
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: after a power cut, the old file or the new one
         os.replace(path + ".tmp", path)
-    except OSError as err:
-        raise ValueError(f"{path}: cannot write the checkpoint ({err.strerror}); free some disk space "
-                         "or pass another --out-dir") from None
+    except (OSError, RuntimeError) as err:
+        with suppress(OSError):
+            os.remove(path + ".tmp")
+        raise ValueError(f"{path}: cannot write the checkpoint ({write_failure(err)}); "
+                         "the checkpoint saved before, if any, is unchanged") from None
+
+
+def write_failure(err):
+    """The real cause of a failed write, and what to do. torch.save reports a failed write as a
+    RuntimeError ('unexpected pos') whose __context__ is the OSError that says why."""
+    while not isinstance(err, OSError) and err.__context__ is not None:
+        err = err.__context__
+    if not isinstance(err, OSError):
+        return str(err).strip().splitlines()[0]
+    fixes = {errno.ENOSPC: "free some disk space", errno.EACCES: "make --out-dir writable",
+             errno.EPERM: "make --out-dir writable", errno.EROFS: "pass a --out-dir on a writable disk"}
+    return f"{err.strerror or err}: {fixes.get(err.errno, 'pass another --out-dir')}"
 
 
 def load_checkpoint(path, device):
-    """The checkpoint dict and its rebuilt model, or a one-line error saying what is wrong."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: no checkpoint; train one first with `python gpt.py` (or pass --out-dir)")
+    """The checkpoint dict and its rebuilt model, or a one-line error saying what is wrong. A file that
+    cannot be opened (missing, a directory, no permission) is a bad path, not a bad checkpoint."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file; all mean the same to a user
-        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__}); "
-                         "delete it and train again") from None
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no checkpoint; train one first with `python gpt.py` (or pass --out-dir)") from None
+    except (IsADirectoryError, NotADirectoryError) as err:
+        raise ValueError(f"{path}: not a checkpoint file ({err.strerror}); pass the --out-dir that holds "
+                         "ckpt.pt") from None
+    except OSError as err:  # no permission, say: the file itself may be fine
+        raise ValueError(f"{path}: cannot open it ({err.strerror})") from None
+    with f:
+        try:
+            ckpt = torch.load(f, map_location=device, weights_only=True)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise ValueError(f"{path}: not enough memory to load it on {device}; try --device cpu") from None
+        except Exception as err:  # torch raises many types for a damaged file; all mean the same to a user
+            raise ValueError(f"{path}: corrupt or truncated checkpoint, or not one gpt.py wrote "
+                             f"({type(err).__name__}); it cannot be read, so train again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a gpt.py checkpoint of format {CHECKPOINT_FORMAT}; train again with this gpt.py")
     try:
@@ -486,6 +557,90 @@ def load_checkpoint(path, device):
         first_line = str(err).strip().splitlines()[0]
         raise ValueError(f"{path}: checkpoint does not match this gpt.py's model ({first_line}); train again") from None
     return ckpt, model.to(device)
+
+
+@contextmanager
+def claim_out_dir(cfg):
+    """Before any work: create --out-dir, lock it for this run, and refuse to replace a checkpoint in
+    it unless --resume or --overwrite says so (a forgotten --sample must not wipe a trained model)."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out-dir {cfg.out_dir}: cannot create it ({err.strerror}); pass a writable directory") from None
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun only rank 0 writes
+        yield
+        return
+    with out_dir_lock(cfg.out_dir):
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
+            step = saved_step(path)
+            what = "not a readable checkpoint" if step is None else f"a checkpoint at step {step}"
+            raise ValueError(f"{path} already exists ({what}): continue it with --resume, or replace it with "
+                             "--overwrite, or pass another --out-dir")
+        yield
+
+
+def saved_step(path):
+    """The step a checkpoint was saved at, or None if it is not readable as one."""
+    try:  # mmap: the weights are not read
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        return None
+
+
+@contextmanager
+def out_dir_lock(out_dir):
+    """Only one run at a time writes into out_dir. Its lock file, holding the owner's pid and host, is
+    created with O_EXCL, which only one of two runs can do, and removed at the end; a lock whose owner
+    died without removing it (killed by SIGKILL, say) is stale, and taken over."""
+    path = os.path.join(out_dir, "ckpt.pt.lock")
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = read_lock(path)
+            if attempt == 0 and owner and not process_alive(*owner):
+                with suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            who = f" (pid {owner[0]} on {owner[1]})" if owner else ""
+            raise ValueError(f"--out-dir {out_dir}: another run{who} is writing into it; wait for it, or "
+                             f"pass another --out-dir (if no run is, delete {path})") from None
+        except OSError as err:
+            raise ValueError(f"--out-dir {out_dir}: cannot write into it ({err.strerror}); pass a writable "
+                             "directory") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()} {platform.node()}")
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            os.remove(path)
+
+
+def read_lock(path):
+    """(pid, host) from a lock file, or None if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            pid, host = f.read().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid, host):
+    """Whether the lock's owner may still run: certainly dead only if it ran on this machine and no
+    process has its pid now."""
+    if host != platform.node() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        pass
+    return True
 
 
 def setup_distributed(device):
@@ -505,7 +660,14 @@ def batch_generator(seed, step, rank, world_size):
 
 
 def train(cfg, model_cfg, given=frozenset()):
-    """Train from scratch, or from <out-dir>/ckpt.pt with --resume; given: the flags on the command line."""
+    """Train from scratch, or from <out-dir>/ckpt.pt with --resume; given: the flags on the command line.
+    The out-dir is claimed before any work, and released at the end however the run ends."""
+    with claim_out_dir(cfg):
+        return _train(cfg, model_cfg, given)
+
+
+def _train(cfg, model_cfg, given):
+    """The run itself, in an out-dir it alone writes into."""
     device = pick_device(cfg.device)
     rank, world_size, local_rank = setup_distributed(device)
     master = rank == 0  # only rank 0 logs, evaluates and saves
@@ -519,22 +681,19 @@ def train(cfg, model_cfg, given=frozenset()):
     # bf16 autocast on CUDA: matmuls in bfloat16, no loss scaling needed (unlike float16)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    log = print if master else (lambda *args, **kwargs: None)
-    try:  # before any work, so a bad --out-dir costs nothing
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out-dir {cfg.out_dir}: cannot create it ({err.strerror}); pass a writable directory") from None
+    stop = {"requested": False, "why": "interrupted"}  # by Ctrl-C, SIGTERM or a closed stdout: save, then stop
+
+    def log(line):  # only rank 0 logs; if its reader has gone (`| head`), the loop saves and stops
+        if master and not print_line(line):
+            stop.update(requested=True, why="stdout closed")
 
     # 1) data and tokenizer (from the checkpoint when resuming, so the ids mean the same)
     ckpt = None
     if cfg.resume:
         ckpt, model = load_checkpoint(ckpt_path, device)
-        for name in given & {f.name for f in dataclasses.fields(GPTConfig)}:
-            if getattr(model_cfg, name) != getattr(model.cfg, name):
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(model_cfg, name)} differs from the checkpoint's "
-                                 f"{getattr(model.cfg, name)}; leave the model's flags out when resuming")
-        # the run's own settings, except what this command line sets again (say, a larger --max-iters)
         saved = TrainConfig(**ckpt["train_config"])
+        check_unchanged(given, (model_cfg, cfg), (model.cfg, saved))
+        # the run's own settings, except what this command line sets again (say, a larger --max-iters)
         cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
         model_cfg = model.cfg
         tokenizer = tokenizer_from_state(ckpt["tokenizer"])
@@ -583,7 +742,7 @@ def train(cfg, model_cfg, given=frozenset()):
     t_log, steps_since_log = time.perf_counter(), 0
     start_step, local_loss, step_loss = step, float("nan"), torch.full((), float("nan"))
     stopping = False
-    with stop_on_ctrl_c() as stop:
+    with stop_on_signals(stop):
         while True:
             # (a resumed run has just been evaluated and saved at its first step)
             if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (ckpt and step == start_step):
@@ -605,7 +764,11 @@ def train(cfg, model_cfg, given=frozenset()):
                 stopping = flag.item() > 0  # kept apart from stop["requested"]: a Ctrl-C arriving now still counts
             if stopping:
                 checkpoint()
-                log(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
+                message = f"saved step {step} to {ckpt_path}; continue with --resume"
+                if stop["why"] == "stdout closed":
+                    print(f"stdout closed: {message}", file=sys.stderr)
+                else:
+                    log(f"interrupted: {message}")
                 break
 
             lr = learning_rate(step, cfg)
@@ -638,8 +801,8 @@ def train(cfg, model_cfg, given=frozenset()):
                     f"{tokens_per_step * steps_since_log / elapsed:,.0f} tokens/s")
                 t_log, steps_since_log = time.perf_counter(), 0
         if world_size > 1:
-            print(f"rank {rank}/{world_size}: finished at step {step}; last logged loss {local_loss:.6f} on this rank's "
-                  f"batches, {step_loss.item():.6f} all-reduced")
+            print_line(f"rank {rank}/{world_size}: finished at step {step}; last logged loss {local_loss:.6f} on this "
+                       f"rank's batches, {step_loss.item():.6f} all-reduced")
     if world_size > 1:
         dist.barrier()  # rank 0 may still be evaluating: tearing down gloo under it aborts the process
         dist.destroy_process_group()
@@ -648,20 +811,53 @@ def train(cfg, model_cfg, given=frozenset()):
     return raw_model
 
 
+def check_unchanged(given, flags, saved):
+    """Resuming is the same command again plus --resume, so flags may be given again; but those that fix
+    the model or its tokens must keep the checkpoint's values. flags, saved: (model config, run config)
+    from the command line and from the checkpoint."""
+    (model_flags, run_flags), (model_saved, run_saved) = flags, saved
+    fixed = [(f.name, model_flags, model_saved) for f in dataclasses.fields(GPTConfig) if "help" in f.metadata]
+    fixed.append(("tokenizer", run_flags, run_saved))
+    if run_saved.tokenizer == "bpe":  # a character vocabulary comes from the text, whatever --vocab-size says
+        fixed.append(("vocab_size", run_flags, run_saved))
+    for name, new, old in fixed:
+        if name in given and getattr(new, name) != getattr(old, name):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(new, name)} differs from the checkpoint's "
+                             f"{getattr(old, name)}, and cannot change on --resume: leave it out, or train anew "
+                             "into another --out-dir")
+
+
+def print_line(line):
+    """Print line at once, so `| tee` shows it live. False if the reader has gone (`| head` exited);
+    stdout then goes to /dev/null, where later prints cannot fail."""
+    try:
+        print(line, flush=True)
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+
+
 @contextmanager
-def stop_on_ctrl_c():
-    """Within: Ctrl-C (SIGINT) only sets stop["requested"], for the loop to act on between steps."""
-    stop = {"requested": False}
+def stop_on_signals(stop):
+    """Within: Ctrl-C (SIGINT) and SIGTERM (sent by `kill`, job schedulers, preemptible machines, and by
+    torchrun to its workers) only set stop["requested"], for the loop to act on between steps. A
+    second signal of the same kind acts as it would outside: a KeyboardInterrupt, or the end at once.
+    (Outside the loop SIGTERM keeps its default, which ends even a process blocked in a C call.)"""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) or signal.SIG_DFL for signum in signals}  # None: not set by Python
 
     def request_stop(signum, frame):
         stop["requested"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+        signal.signal(signum, previous[signum])
 
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    for signum in signals:
+        signal.signal(signum, request_stop)
     try:
-        yield stop
+        yield
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for signum in signals:
+            signal.signal(signum, previous[signum])
 
 
 def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
@@ -684,19 +880,23 @@ def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
 # Sampling
 # ----------------------------------------------------------------------------------------------
 
-def print_sample(model, tokenizer, cfg, device):
+def start_ids(tokenizer):
+    """What an empty prompt starts from: a newline, after which every speech of the text begins; in a
+    character vocabulary without one, its first character."""
     try:
-        prompt_ids = encode(tokenizer, cfg.prompt)
+        return encode(tokenizer, "\n")
     except ValueError:
-        if cfg.prompt != TrainConfig.prompt:
-            raise
-        prompt_ids = [0]  # the default "\n" is not in this text's vocabulary: start from its first character
+        return [0]
+
+
+def print_sample(model, tokenizer, cfg, device):
+    prompt_ids = encode(tokenizer, cfg.prompt) if cfg.prompt else start_ids(tokenizer)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.kv_cache, generator)
     elapsed = time.perf_counter() - t0
-    print(tokenizer.decode(out[0].tolist()))
+    print(tokenizer.decode(out[0, 0 if cfg.prompt else len(prompt_ids):].tolist()))  # the start_ids stay unshown
     mc = model.cfg
     if cfg.kv_cache:
         cache_bytes = 2 * math.prod(KVCache.shape(mc, 1)) * model.wte.weight.element_size()  # keys and values
@@ -706,7 +906,16 @@ def print_sample(model, tokenizer, cfg, device):
     print(f"generated {cfg.max_new_tokens} tokens in {elapsed:.2f} s: {cfg.max_new_tokens / elapsed:.0f} tokens/s, {cache_note}")
 
 
-def sample(cfg):
+# The flags --sample uses; the model, its tokenizer and its training settings come from the checkpoint.
+SAMPLE_FLAGS = {"out_dir", "device", "seed", "sample", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
+                "kv_cache"}
+
+
+def sample(cfg, given=frozenset()):
+    ignored = sorted(given - SAMPLE_FLAGS)
+    if ignored:
+        print(f"note: --sample takes the model from the checkpoint, so it ignores "
+              f"{', '.join('--' + name.replace('_', '-') for name in ignored)}", file=sys.stderr)
     device = pick_device(cfg.device)
     ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
     print_sample(model, tokenizer_from_state(ckpt["tokenizer"]), cfg, device)
@@ -717,14 +926,20 @@ def sample(cfg):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    """Both configs from the command line; --preset first fills in the defaults for this machine."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_flags(parser, GPTConfig())
-    add_flags(parser, TrainConfig())
-    first = parser.parse_known_args(argv)[0]
-    preset = first.preset
+    """Both configs from the command line. --preset decides the defaults, so it is read first (by a
+    parser without -h); then --help lists the defaults that apply."""
+    def flag_parser(**kwargs):
+        parser = argparse.ArgumentParser(**kwargs)
+        add_flags(parser, GPTConfig())
+        add_flags(parser, TrainConfig())
+        return parser
+
+    first = flag_parser(add_help=False).parse_known_args(argv)[0]
+    preset, why = first.preset, f"--preset {first.preset}"
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() and first.device in ("auto", "cuda") else "cpu"
+        why = "--preset auto, " + ("CUDA is here" if preset == "gpu" else "no CUDA GPU here")
+    parser = flag_parser(description=f"{__doc__.splitlines()[0]} The defaults shown are the {preset} preset's ({why}).")
     if preset not in PRESETS:
         parser.error(f"--preset {preset!r}: choose cpu, gpu or auto")
     parser.set_defaults(**PRESETS[preset])
@@ -759,12 +974,15 @@ def config_problem(m, c):
         return f"--tokenizer {c.tokenizer!r}: choose char or bpe"
     if c.tokenizer == "bpe" and c.vocab_size < 257:
         return f"--vocab-size must be at least 257 for byte-level BPE, got {c.vocab_size}"
-    if c.learning_rate <= 0 or not 0.0 <= c.min_lr_ratio <= 1.0:
+    if not 0 < c.learning_rate < math.inf or not 0.0 <= c.min_lr_ratio <= 1.0:  # written so that nan fails
         return "--learning-rate must be positive and --min-lr-ratio in [0, 1]"
-    if c.warmup_iters < 0 or c.max_new_tokens < 0 or c.grad_clip < 0:
+    if c.warmup_iters < 0 or c.max_new_tokens < 0 or not 0 <= c.grad_clip < math.inf:
         return "--warmup-iters, --max-new-tokens and --grad-clip must not be negative"
-    if c.temperature < 0 or c.top_k < 0 or not 0.0 < c.top_p <= 1.0:
-        return "--temperature and --top-k must not be negative, and --top-p must be in (0, 1]"
+    sampling = sampling_problem(c.temperature, c.top_k, c.top_p)
+    if sampling:
+        return f"--{sampling[0].replace('_', '-')} {sampling[1]}"
+    if c.resume and c.overwrite:
+        return "--resume continues the checkpoint, --overwrite replaces it: give one of them"
     if c.device not in ("auto", "cpu", "cuda", "mps"):
         return f"--device {c.device!r}: choose auto, cpu, cuda or mps"
     return None
@@ -774,15 +992,10 @@ def main(argv=None):
     gc.freeze()  # torch's 160k objects live until exit: exempt them from garbage collection (0.5 s)
     model_cfg, cfg, given = parse_args(argv)
     if cfg.sample:
-        sample(cfg)
+        sample(cfg, given)
     else:
         train(cfg, model_cfg, given)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:  # bad input: one line, no traceback
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:  # Ctrl-C outside training (where it saves first): no traceback either
-        sys.exit("interrupted")
+    run_command_line(main)

@@ -5,11 +5,13 @@ Hermetic: no network, nothing written into the repository (files go to pytest's 
 import json
 import math
 import os
+import platform
 import random
 import re
 import signal
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 import regex
 import tiktoken
 
-import bigram  # first: the scripts silence torch's warning about numpy, which we never use
+import bigram
 import gpt
 import tokenizer_bpe as bpe
 import torch
@@ -999,3 +1001,222 @@ def test_gpt_script_with_the_bpe_tokenizer(tmp_path):
     # byte-level: any prompt encodes, even characters the training text never had
     sample = run_gpt(["--sample", "--prompt", "Ωmega 😀 ALL:", "--max-new-tokens", "10"], tmp_path).stdout
     assert sample.startswith("Ωmega 😀 ALL:") and "generated 10 tokens" in sample
+
+
+# ---- the scripts as tools: nothing lost, nothing cryptic ----
+
+def kill_if_hung(proc, seconds=120):
+    """A process that hangs fails its test instead of stalling the suite."""
+    timer = threading.Timer(seconds, proc.kill)
+    timer.daemon = True
+    timer.start()
+
+
+def start_gpt(args, cwd):
+    """gpt.py training in the background as a user starts it: no PYTHONUNBUFFERED, so each line must
+    come through the pipe as it is printed. Returns the process once it has logged step 1."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "gpt.py"), *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kill_if_hung(proc)
+    out = ""
+    while not re.search(r"^step 1: loss", out, re.M):
+        line = proc.stdout.readline()
+        assert line, f"gpt.py ended early:\n{out}{proc.stderr.read()}"
+        out += line
+    return proc
+
+
+def tiny_run_flags(tmp_path):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    return ["--input", "tiny.txt", *TINY_FLAGS, "--log-interval", "1", "--max-new-tokens", "0"]
+
+
+def test_gpt_refuses_to_replace_a_checkpoint_without_resume_or_overwrite(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = [*tiny_run_flags(tmp_path), "--max-iters", "2", "--eval-interval", "2"]
+    gpt.main(flags)
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    trained = ckpt.read_bytes()
+    message = gpt_error([*flags, "--prompt", "OTHELLO:"])  # --sample forgotten
+    assert f"{os.path.join('out', 'ckpt.pt')} already exists (a checkpoint at step 2): continue it with --resume, " \
+           "or replace it with --overwrite" in message
+    assert ckpt.read_bytes() == trained and os.listdir(tmp_path / "out") == ["ckpt.pt"]  # and the lock is gone
+    gpt.main([*flags, "--max-iters", "1", "--eval-interval", "1", "--overwrite"])
+    assert torch.load(ckpt, weights_only=True)["step"] == 1
+
+
+def test_gpt_sigterm_saves_and_stops_and_one_run_at_a_time_writes_an_out_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = [*tiny_run_flags(tmp_path), "--eval-interval", "1000"]
+    proc = start_gpt([*flags, "--max-iters", "100000"], tmp_path)
+    # while it runs, a second run into the same out-dir is refused
+    assert f"another run (pid {proc.pid} on {platform.node()}) is writing into it" in \
+        gpt_error([*flags, "--resume", "--max-iters", "1"])
+    proc.send_signal(signal.SIGTERM)  # what `kill` and job schedulers send
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == ""
+    step = int(re.search(r"^interrupted: saved step (\d+) to \S+; continue with --resume$", out, re.M).group(1))
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == step >= 1
+    assert os.listdir(tmp_path / "out") == ["ckpt.pt"]  # the lock is released
+    # a lock left behind by a run that died (SIGKILL, a crash) is stale: the next run takes it over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "out" / "ckpt.pt.lock").write_text(f"{dead.stdout.strip()} {platform.node()}", encoding="utf-8")
+    gpt.main([*flags, "--resume", "--max-iters", str(step + 1)])
+    assert os.listdir(tmp_path / "out") == ["ckpt.pt"]
+
+
+def test_gpt_closed_stdout_saves_and_stops_quietly(tmp_path):
+    proc = start_gpt([*tiny_run_flags(tmp_path), "--max-iters", "100000", "--eval-interval", "1000"], tmp_path)
+    proc.stdout.close()  # the reader goes away, as `| head -5` does after five lines
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0
+    step = int(re.fullmatch(r"stdout closed: saved step (\d+) to \S+; continue with --resume\n", err).group(1))
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == step > 1
+
+
+@pytest.mark.parametrize("script, args", [
+    ("bigram.py", ["--max-iters", "5", "--eval-interval", "5", "--eval-iters", "1", "--block-size", "8"]),
+    ("tokenizer_bpe.py", ["--vocab-size", "260", "--out", "bpe.json"]),
+])
+def test_scripts_end_quietly_when_the_reader_of_their_output_has_gone(tmp_path, script, args):
+    (tmp_path / "small.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as after `| head` has exited: every write fails
+    result = subprocess.run([sys.executable, str(REPO / script), "--input", "small.txt", *args], cwd=tmp_path,
+                            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert (result.returncode, result.stderr) == (1, "")  # no BrokenPipeError traceback
+
+
+def test_bigram_ctrl_c_ends_in_one_line(tmp_path):
+    (tmp_path / "small.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(BIGRAM), "--input", "small.txt", "--max-iters", "10000000",
+                             "--eval-interval", "1000", "--block-size", "8"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kill_if_hung(proc)
+    assert "characters, vocabulary" in proc.stdout.readline()  # printed before training
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (1, "interrupted\n")
+
+
+def test_gpt_resume_is_the_same_command_plus_resume(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    command = [*tiny_run_flags(tmp_path), "--tokenizer", "bpe", "--vocab-size", "300", "--max-iters", "2",
+               "--eval-interval", "2"]
+    gpt.main(command)
+    gpt.main([*command, "--max-iters", "4", "--resume"])  # the last --max-iters counts
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+    saved = ckpt.read_bytes()
+    # flags that fix the model or its tokens cannot change on resume: an error naming both values
+    for flag, value, old in [("--tokenizer", "char", "bpe"), ("--vocab-size", "400", "300"), ("--n-embd", "32", "16")]:
+        assert f"{flag} {value} differs from the checkpoint's {old}" in gpt_error([*command, "--resume", flag, value])
+    assert ckpt.read_bytes() == saved
+
+
+def test_gpt_help_shows_the_defaults_that_apply(capsys, monkeypatch):
+    for argv, preset, n_layer in [(["--preset", "gpu"], "gpu", 6), ([], "cpu", 2)]:
+        with pytest.raises(SystemExit) as info:
+            gpt.parse_args([*argv, "--help"])
+        assert info.value.code == 0
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert f"The defaults shown are the {preset} preset's" in help_text
+        assert f"--n-layer N_LAYER transformer blocks (default: {n_layer})" in help_text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # where auto picks the gpu preset
+    with pytest.raises(SystemExit):
+        gpt.parse_args(["-h"])
+    assert "(default: 6)" in capsys.readouterr().out
+
+
+def test_gpt_samples_from_an_empty_or_blank_prompt(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    gpt.main([*tiny_run_flags(tmp_path), "--max-iters", "2", "--eval-interval", "2"])
+    capsys.readouterr()
+
+    def sample(*flags):
+        gpt.main(["--sample", "--max-new-tokens", "12", *flags])
+        out = capsys.readouterr().out
+        return out[: out.rindex("\ngenerated")]
+
+    assert len(sample("--prompt", "")) == 12  # from a newline, which is not shown
+    assert len(sample("--prompt", "   ")) == 3 + 12 and sample("--prompt", "   ").startswith("   ")
+    gpt.main(["--sample", "--max-new-tokens", "1", "--n-layer", "3", "--block-size", "8"])
+    assert capsys.readouterr().err == "note: --sample takes the model from the checkpoint, so it ignores " \
+                                      "--block-size, --n-layer\n"
+    assert sample("--temperature", "1e-45") == sample("--temperature", "0")  # too cold to divide by: greedy
+    with pytest.raises(SystemExit):
+        gpt.main(["--sample", "--temperature", "nan"])
+    assert "--temperature must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_sampling_api_rejects_bad_settings_in_one_line_and_a_tiny_temperature_is_greedy():
+    logits = torch.tensor([[100.0, 300.0, 200.0]])
+    for temperature in (1e-37, 1e-45, 1e-300):  # logits / 1e-37 overflow float32: greedy all the same
+        assert gpt.sample_next_token(logits, temperature).item() == 1
+    for kwargs, message in [({"temperature": math.nan}, "temperature must be a finite number >= 0"),
+                            ({"temperature": -1.0}, "temperature must be"), ({"temperature": math.inf}, "temperature"),
+                            ({"temperature": 1.0, "top_p": 0.0}, "top_p must be in \\(0, 1\\]"),
+                            ({"temperature": 1.0, "top_k": -2}, "top_k must be")]:
+        with pytest.raises(ValueError, match=message):
+            gpt.sample_next_token(logits, **kwargs)
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="temperature must be"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=-1)
+    with pytest.raises(ValueError, match="the prompt holds no tokens"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 5)
+
+
+def test_bpe_script_checks_out_before_training(tmp_path, capsys):
+    (tmp_path / "small.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    (tmp_path / "a_file").write_text("", encoding="utf-8")
+    for out, message in [(str(tmp_path), "is a directory"), ("", "is empty"),
+                         (str(tmp_path / "a_file" / "bpe.json"), "a part of its directory is a file")]:
+        with pytest.raises(SystemExit) as info:
+            bpe.main(["--input", str(tmp_path / "small.txt"), "--vocab-size", "260", "--out", out])
+        captured = capsys.readouterr()
+        assert info.value.code == 2 and message in captured.err and "train:" not in captured.out
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails: disk full")
+def test_gpt_failed_checkpoint_write_names_its_cause_and_keeps_the_old_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = [*tiny_run_flags(tmp_path), "--eval-interval", "2"]
+    gpt.main([*flags, "--max-iters", "2"])
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    saved = ckpt.read_bytes()
+    os.symlink("/dev/full", tmp_path / "out" / "ckpt.pt.tmp")  # the next checkpoint goes to a full disk
+    message = gpt_error([*flags, "--max-iters", "4", "--resume"])
+    assert "ckpt.pt: cannot write the checkpoint (No space left on device: free some disk space)" in message
+    assert ckpt.read_bytes() == saved and os.listdir(tmp_path / "out") == ["ckpt.pt"]
+    # torch.save itself reports a failed write as a RuntimeError; the real cause is in its __context__
+    with pytest.raises(OSError), open("/dev/full", "wb") as f:  # closing tries the write again, and fails
+        with pytest.raises(RuntimeError, match="unexpected pos") as info:
+            torch.save({"w": torch.zeros(10_000)}, f)
+    assert gpt.write_failure(info.value) == "No space left on device: free some disk space"
+
+
+def test_a_bad_path_is_not_called_a_corrupt_file(tmp_path):
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "garbage").write_bytes(b"not a checkpoint at all")
+    for path, message in [("a_dir", "a_dir: not a checkpoint file (Is a directory)"),
+                          ("missing", "missing: no checkpoint"),
+                          ("garbage/ckpt.pt", "garbage/ckpt.pt: not a checkpoint file (Not a directory)")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            gpt.load_checkpoint(str(tmp_path / path), "cpu")
+    with pytest.raises(ValueError, match="corrupt or truncated checkpoint") as info:
+        gpt.load_checkpoint(str(tmp_path / "garbage"), "cpu")
+    assert "delete" not in str(info.value)  # it may be a good file of another program
+    for path, message in [("a_dir", "Is a directory"), ("missing", "No such file")]:
+        with pytest.raises(ValueError, match=f"cannot be read as a tokenizer file \\({message}"):
+            bpe.BPETokenizer.load(str(tmp_path / path))
+
+
+def test_scripts_flush_each_line_they_print():
+    """So that `| tee log` shows progress live, without PYTHONUNBUFFERED."""
+    code = ("import sys, bigram, gpt, tokenizer_bpe\n"
+            "for script in (bigram, gpt, tokenizer_bpe):\n"
+            "    sys.stdout.reconfigure(line_buffering=False)  # as Python starts with stdout a pipe\n"
+            "    script.run_command_line(lambda: print(script.__name__, sys.stdout.line_buffering))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["bigram", "True", "gpt", "True", "tokenizer_bpe", "True"], result.stderr

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -413,9 +414,14 @@ class BPETokenizer:
         return tok
 
     def save(self, path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f)
+        """Written to a temp file and renamed: a failed write never leaves half a file at path."""
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f)
+            os.replace(path + ".tmp", path)
+        except OSError as err:
+            raise ValueError(f"{path}: cannot save the tokenizer ({err.strerror}); pass another path") from None
 
     @classmethod
     def load(cls, path):
@@ -425,6 +431,9 @@ class BPETokenizer:
         except ValueError as err:  # bad UTF-8 or JSON
             raise ValueError(f"{path} is not a tokenizer file (corrupt or truncated: {err}); save "
                              "it again with BPETokenizer.save") from None
+        except OSError as err:  # missing, a directory, no permission
+            raise ValueError(f"{path} cannot be read as a tokenizer file ({err.strerror}); pass the "
+                             "path BPETokenizer.save wrote") from None
         return cls.from_dict(state, path)
 
     # ---- tiktoken, both ways ----
@@ -486,6 +495,36 @@ def show(token):
 def timed(fn, *args):
     t0 = time.perf_counter()
     return fn(*args), time.perf_counter() - t0
+
+
+def out_problem(path):
+    """Why the tokenizer cannot be saved at path, checked before training; or None."""
+    if not path or os.path.isdir(path):
+        return f"--out {path!r} is {'a directory' if path else 'empty'}: give a file name, such as out/bpe.json"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()  # can a file be written there?
+    except (FileExistsError, NotADirectoryError):
+        return f"--out {path}: a part of its directory is a file; give a path in a directory"
+    except OSError as err:
+        return f"--out {path}: cannot write there ({err.strerror})"
+    return None
+
+
+def run_command_line(main):
+    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
+    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
+    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        sys.exit(1)
 
 
 def read_split(path):
@@ -714,6 +753,9 @@ def main(argv=None):
                      f"got {args.vocab_size}")
     if not os.path.isfile(args.input):
         parser.error(f"--input {args.input}: no such file")
+    problem = out_problem(args.out)  # before training, so a bad path costs nothing
+    if problem:
+        parser.error(problem)
     try:
         compare(args) if args.compare else run(args)
     except ValueError as err:
@@ -721,4 +763,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command_line(main)
