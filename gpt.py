@@ -80,8 +80,8 @@ class TrainConfig:
     plot: bool = dataclasses.field(default=True, metadata={"help": "draw <out-dir>/loss.png from log.csv when training ends"})
     # experiments (section "Experiments" below): each replaces training with a study
     sweep: bool = dataclasses.field(default=False, metadata={"help": "scaling-law sweep: train every width at every budget"})
-    sweep_budgets: str = dataclasses.field(default="1e12,3e12,1e13", metadata={"help": "training FLOPs of each sweep budget"})
-    sweep_widths: str = dataclasses.field(default="32,48,64,96,128", metadata={"help": "n_embd of each sweep model"})
+    sweep_budgets: str = dataclasses.field(default="3e11,1e12,3e12", metadata={"help": "training FLOPs of each sweep budget"})
+    sweep_widths: str = dataclasses.field(default="16,24,32,48,64", metadata={"help": "n_embd of each sweep model"})
     embeddings: bool = dataclasses.field(default=False, metadata={"help": "show what <out-dir>/ckpt.pt's token embeddings learned"})
 
 
