@@ -10,13 +10,14 @@ import argparse
 import dataclasses
 import errno
 import gc
+import io
 import math
 import os
 import platform
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext, redirect_stdout, suppress
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,12 @@ class TrainConfig:
     top_k: int = dataclasses.field(default=0, metadata={"help": "sample among the k likeliest tokens; 0 = off"})
     top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus: smallest set with this probability; 1 = off"})
     kv_cache: bool = dataclasses.field(default=True, metadata={"help": "generate with the KV cache (or recompute the context)"})
+    plot: bool = dataclasses.field(default=True, metadata={"help": "draw <out-dir>/loss.png from log.csv when training ends"})
+    # experiments (section "Experiments" below): each replaces training with a study
+    sweep: bool = dataclasses.field(default=False, metadata={"help": "scaling-law sweep: train every width at every budget"})
+    sweep_budgets: str = dataclasses.field(default="3e11,1e12,3e12", metadata={"help": "training FLOPs of each sweep budget"})
+    sweep_widths: str = dataclasses.field(default="16,24,32,48,64", metadata={"help": "n_embd of each sweep model"})
+    embeddings: bool = dataclasses.field(default=False, metadata={"help": "show what <out-dir>/ckpt.pt's token embeddings learned"})
 
 
 # Defaults per machine, chosen by measurement (see README): a 2-core CPU gets a small, wide-batch,
@@ -487,6 +494,55 @@ def estimate_loss(model, splits, cfg, block_size, device, autocast):
     return losses
 
 
+def matmul_params(cfg):
+    """N as scaling laws count it: the weights a token is multiplied by in the forward pass, i.e. every
+    Linear weight of the blocks plus the output layer. Lookups (wte, wpe), biases and norms cost ~0 FLOPs."""
+    d, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
+    attention = d * (cfg.n_head + 2 * cfg.kv_heads()) * hd + d * d  # qkv and the output projection
+    mlp = 2 * d * 4 * d  # fc and proj
+    return cfg.n_layer * (attention + mlp) + d * cfg.vocab_size  # + lm_head
+
+
+def flops_per_token(cfg):
+    """Training FLOPs per token, C = 6·N·D plus attention: a forward pass costs 2 FLOPs (multiply, add)
+    per weight, and per layer 2·T·d for q·kᵀ and 2·T·d for p·v over a full context T (as Chinchilla
+    counts; a causal kernel could skip half); backward costs twice the forward, hence 6 and 12."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+
+class CsvLog:
+    """<out-dir>/log.csv: a row per evaluation (train_loss, val_loss, val_bits) and per training log line
+    (train_loss of that step's batch, val empty). A resumed run keeps the rows up to its checkpoint (the
+    later ones are redone) and goes on with the clock where they ended."""
+    COLUMNS = ["step", "tokens", "flops", "seconds", "lr", "train_loss", "val_loss", "val_bits"]
+
+    def __init__(self, path, resume_step=None):
+        self.path, kept = path, []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f.read().splitlines()[1:] if int(line.split(",")[0]) <= resume_step]
+        self.seconds_offset = float(kept[-1].split(",")[3]) if kept else 0.0
+        with open(path + ".tmp", "w", encoding="utf-8") as f:  # replaced whole, like a checkpoint
+            f.write("\n".join([",".join(self.COLUMNS), *kept]) + "\n")
+        os.replace(path + ".tmp", path)
+
+    def row(self, **values):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(",".join(format_cell(values.get(name)) for name in self.COLUMNS) + "\n")
+
+
+class NoLog:
+    """What ranks other than 0 write: nothing."""
+    seconds_offset = 0.0
+
+    def row(self, **values):
+        pass
+
+
+def format_cell(value):
+    return "" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val_loss, tokenizer):
     """Everything needed to resume exactly or to sample, as tensors and plain types (weights_only-safe).
     Written to a temp file and renamed, so a crash or a full disk mid-write never leaves a broken ckpt.pt."""
@@ -727,6 +783,7 @@ def _train(cfg, model_cfg, given):
         if ckpt["rng"]["cuda"] is not None and device_type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
         log(f"resumed from {ckpt_path} at step {step}")
+    csv_log = CsvLog(os.path.join(cfg.out_dir, "log.csv"), step if ckpt else None) if master else NoLog()
     raw_model = model  # the uncompiled, unwrapped module: what we evaluate, save and sample
     if cfg.compile:
         model = compile_or_fall_back(model, train_data, cfg, model_cfg.block_size, device, autocast)
@@ -739,6 +796,12 @@ def _train(cfg, model_cfg, given):
 
     # 3) the loop; Ctrl-C finishes the current step, saves and exits (a second Ctrl-C kills at once)
     tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * world_size
+    def progress():  # where the run stands, for log.csv
+        tokens = step * tokens_per_step
+        return dict(step=step, tokens=tokens, flops=tokens * flops_per_token(model_cfg),
+                    seconds=round(time.perf_counter() - t_start, 3))
+
+    t_start = time.perf_counter() - csv_log.seconds_offset
     t_log, steps_since_log = time.perf_counter(), 0
     start_step, local_loss, step_loss = step, float("nan"), torch.full((), float("nan"))
     stopping = False
@@ -752,6 +815,8 @@ def _train(cfg, model_cfg, given):
                     best_val_loss = min(best_val_loss, losses["val"])
                     log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                         f"(val {losses['val'] * bits_per_unit:.3f} bits/{unit})")
+                    csv_log.row(**progress(), lr=learning_rate(step, cfg), train_loss=losses["train"],
+                                val_loss=losses["val"], val_bits=losses["val"] * bits_per_unit)
                     checkpoint()
                 t_log = time.perf_counter()  # evaluation time is not training time
             if step >= cfg.max_iters:
@@ -799,6 +864,7 @@ def _train(cfg, model_cfg, given):
                 elapsed = time.perf_counter() - t_log
                 log(f"step {step}: loss {step_loss.item():.4f}, lr {lr:.2e}, {1000 * elapsed / steps_since_log:.1f} ms/step, "
                     f"{tokens_per_step * steps_since_log / elapsed:,.0f} tokens/s")
+                csv_log.row(**progress(), lr=lr, train_loss=step_loss.item())
                 t_log, steps_since_log = time.perf_counter(), 0
         if world_size > 1:
             print_line(f"rank {rank}/{world_size}: finished at step {step}; last logged loss {local_loss:.6f} on this "
@@ -806,6 +872,9 @@ def _train(cfg, model_cfg, given):
     if world_size > 1:
         dist.barrier()  # rank 0 may still be evaluating: tearing down gloo under it aborts the process
         dist.destroy_process_group()
+    if master and cfg.plot:
+        title = f"{n_params / 1e6:.2f} M parameters ({model_cfg.n_layer} layers, {model_cfg.n_embd} wide) on {os.path.basename(cfg.input)}"
+        plot_losses(csv_log.path, os.path.join(cfg.out_dir, "loss.png"), title)
     if master and not stopping and cfg.max_new_tokens > 0:
         print_sample(raw_model, tokenizer, cfg, device)
     return raw_model
@@ -922,6 +991,249 @@ def sample(cfg, given=frozenset()):
 
 
 # ----------------------------------------------------------------------------------------------
+# Experiments: loss curves, a scaling-law sweep, what the embeddings learned
+# ----------------------------------------------------------------------------------------------
+
+def read_csv(path):
+    """A CSV file of numbers as a list of dicts; empty cells become None."""
+    with open(path, encoding="utf-8") as f:
+        header, *lines = f.read().splitlines()
+    return [{k: float(v) if v else None for k, v in zip(header.split(","), line.split(","))} for line in lines]
+
+
+def new_figure():
+    """matplotlib is imported here only: training, sampling and the tests that do not draw never load it.
+    Agg renders to files, so no display is needed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"axes.formatter.min_exponent": 3})  # 0.5, 2, 300 rather than 5e-1, 2e0, 3e2
+    return plt, *plt.subplots(figsize=(7, 4.5))
+
+
+def plot_losses(csv_path, png_path, title):
+    """loss.png: the logged training loss, and train/val loss at each evaluation, against tokens seen."""
+    rows = read_csv(csv_path)
+    logged = [r for r in rows if r["val_loss"] is None]
+    evals = [r for r in rows if r["val_loss"] is not None]
+    plt, fig, ax = new_figure()
+    ax.plot([r["tokens"] for r in logged], [r["train_loss"] for r in logged], lw=0.8, alpha=0.6, label="train (batch)")
+    for key, style in (("train_loss", "o-"), ("val_loss", "s-")):
+        ax.plot([r["tokens"] for r in evals], [r[key] for r in evals], style, ms=4, label=key.replace("_loss", " (eval)"))
+    ax.set_yscale("log")  # the early drop and the late crawl both stay visible
+    ax.yaxis.set_major_formatter(plt.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.ScalarFormatter())
+    ax.set(xlabel="tokens seen", ylabel="loss (nats/token)", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(png_path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -- Scaling laws, Chinchilla's iso-FLOP method: at each compute budget C, train models of several
+#    sizes N for D = C / flops_per_token tokens each; the loss is a valley in log N whose bottom N* is
+#    the best size for that budget. How N* and D* grow with C are the scaling exponents a and b.
+
+def fit_line(x, y):
+    """Least-squares slope and intercept of y = slope·x + intercept."""
+    x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    return slope.item(), (y.mean() - slope * x.mean()).item()
+
+
+def parabola_minimum(log_n, loss):
+    """Vertex of the least-squares parabola loss = a·u² + b·u + c, u = log N: (log N*, loss at N*).
+    If the points do not curve upwards, the best measured point."""
+    u = torch.tensor(log_n, dtype=torch.float64)
+    a, b, c = torch.linalg.lstsq(torch.stack([u * u, u, torch.ones_like(u)], 1),
+                                 torch.tensor(loss, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
+    if a <= 0:
+        best = min(range(len(loss)), key=loss.__getitem__)
+        return log_n[best], loss[best]
+    u_star = -b / (2 * a)
+    return u_star, a * u_star ** 2 + b * u_star + c
+
+
+def fit_scaling_law(runs):
+    """runs: dicts with flops (the budget), n (matmul_params), tokens, val_loss. For each budget the optimal
+    N* (parabola in log N) and the tokens D* a model of that size trains on within the budget (log D is a
+    line in log N at a fixed budget); then N* ∝ C^a, D* ∝ C^b and the loss frontier L* ∝ C^-alpha, each
+    a straight line in log-log."""
+    optima = []
+    for budget in sorted({r["flops"] for r in runs}):
+        same = [r for r in runs if r["flops"] == budget]
+        log_n = [math.log(r["n"]) for r in same]
+        log_n_star, loss_star = parabola_minimum(log_n, [r["val_loss"] for r in same])
+        slope, intercept = fit_line(log_n, [math.log(r["tokens"]) for r in same])
+        optima.append(dict(flops=budget, n_star=math.exp(log_n_star), d_star=math.exp(slope * log_n_star + intercept),
+                           loss_star=loss_star))
+    log_c = [math.log(o["flops"]) for o in optima]
+    a = fit_line(log_c, [math.log(o["n_star"]) for o in optima])[0]
+    b = fit_line(log_c, [math.log(o["d_star"]) for o in optima])[0]
+    alpha = -fit_line(log_c, [math.log(o["loss_star"]) for o in optima])[0]
+    return optima, a, b, alpha
+
+
+def sweep_run(cfg, m, budget, run_dir):
+    """One point of the sweep: model m trained for `budget` FLOPs; returns its sweep.csv row."""
+    steps = max(1, round(budget / (cfg.batch_size * m.block_size * cfg.grad_accum * flops_per_token(m))))
+    run_cfg = dataclasses.replace(cfg, out_dir=run_dir, sweep=False, plot=False, max_new_tokens=0, max_iters=steps,
+                                  overwrite=True,  # a run missing from sweep.csv never finished: train it anew
+                                  eval_interval=steps, log_interval=steps, warmup_iters=min(cfg.warmup_iters, steps // 10))
+    t0 = time.perf_counter()
+    with redirect_stdout(io.StringIO()):  # the sweep prints one row per run, not each run's log
+        train(run_cfg, m)
+    last_eval = [r for r in read_csv(os.path.join(run_dir, "log.csv")) if r["val_loss"] is not None][-1]
+    return dict(flops=budget, width=m.n_embd, n=matmul_params(m), params=sum(p.numel() for p in GPT(m).parameters()),
+                steps=steps, tokens=last_eval["tokens"], val_loss=last_eval["val_loss"],
+                seconds=round(time.perf_counter() - t0, 1))
+
+
+def scaling_sweep(cfg, model_cfg):
+    """Every width at every budget; one CSV row per run in <out-dir>/sweep.csv (finished runs are skipped,
+    so an interrupted sweep continues), then the fit and sweep.png."""
+    budgets = [float(b) for b in cfg.sweep_budgets.split(",")]
+    widths = [int(w) for w in cfg.sweep_widths.split(",")]
+    vocab_size = len(build_tokenizer(read_text(cfg.input), cfg).vocab)  # as each run's train() will build it
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    csv_path = os.path.join(cfg.out_dir, "sweep.csv")
+    columns = ["flops", "width", "n", "params", "steps", "tokens", "val_loss", "seconds"]
+    runs = read_csv(csv_path) if os.path.exists(csv_path) else []
+    if not runs:
+        with open(csv_path, "w", encoding="utf-8") as f:
+            f.write(",".join(columns) + "\n")
+    print(f"{'budget':>8} {'width':>5} {'N (matmul)':>10} {'steps':>6} {'tokens':>10} {'tok/N':>6} {'val loss':>8} {'time':>6}")
+    t0 = time.perf_counter()
+    for budget in budgets:
+        for width in widths:
+            done = [r for r in runs if r["flops"] == budget and r["width"] == width]
+            if done:
+                r = done[0]
+            else:
+                m = dataclasses.replace(model_cfg, n_embd=width, vocab_size=vocab_size)
+                r = sweep_run(cfg, m, budget, os.path.join(cfg.out_dir, f"run-{budget:.0e}-{width}"))
+                runs.append(r)
+                with open(csv_path, "a", encoding="utf-8") as f:
+                    f.write(",".join(format_cell(r[c]) for c in columns) + "\n")
+            print(f"{budget:8.0e} {width:5d} {r['n']:10,.0f} {r['steps']:6.0f} {r['tokens']:10,.0f} "
+                  f"{r['tokens'] / r['n']:6.1f} {r['val_loss']:8.4f} {r['seconds']:5.0f}s", flush=True)
+    print(f"sweep: {len(budgets) * len(widths)} runs, {time.perf_counter() - t0:.0f} s this time")
+    runs = [r for r in runs if r["flops"] in budgets and r["width"] in widths]
+    optima, a, b, alpha = fit_scaling_law(runs)
+    for o in optima:
+        print(f"C = {o['flops']:.0e}: N* = {o['n_star']:,.0f}, D* = {o['d_star']:,.0f} tokens "
+              f"({o['d_star'] / o['n_star']:.1f} tokens per parameter), loss {o['loss_star']:.4f}")
+    print(f"N* ∝ C^{a:.2f}, D* ∝ C^{b:.2f} (Chinchilla: 0.50, 0.50); loss frontier L* ∝ C^-{alpha:.3f}")
+    plot_sweep(runs, optima, os.path.join(cfg.out_dir, "sweep.png"))
+    return optima, a, b, alpha
+
+
+def plot_sweep(runs, optima, png_path):
+    """sweep.png: loss against N, one valley per budget, its bottom N* marked."""
+    plt, fig, ax = new_figure()
+    for o in optima:
+        same = sorted((r for r in runs if r["flops"] == o["flops"]), key=lambda r: r["n"])
+        line, = ax.plot([r["n"] for r in same], [r["val_loss"] for r in same], "o-", label=f"C = {o['flops']:.0e} FLOPs")
+        ax.plot([o["n_star"]], [o["loss_star"]], "*", ms=14, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set(xlabel="N (matmul parameters)", ylabel="val loss (nats/token)", title="iso-FLOP curves; ★ = optimal size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(png_path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -- What the embeddings learned: tokens used alike get similar vectors (with weight tying, wte is also
+#    the output layer, so tokens that are predicted in the same places are pulled together too).
+
+def cosine_neighbours(emb, ids, k=5):
+    """For each id, the k other rows of emb (V, C) with the highest cosine similarity: [(id, cos), ...]."""
+    unit = F.normalize(emb.float(), dim=1)
+    sims = unit[ids] @ unit.T  # (len(ids), V)
+    sims[torch.arange(len(ids)), torch.tensor(ids)] = -2.0  # not itself
+    best = sims.topk(min(k, emb.size(0) - 1), dim=1)
+    return [list(zip(i.tolist(), s.tolist())) for i, s in zip(best.indices, best.values)]
+
+
+def group_similarity(emb, groups):
+    """Mean cosine similarity within each group of ids and between it and the other groups' ids."""
+    unit = F.normalize(emb.float(), dim=1)
+    sims = unit @ unit.T
+    result = {}
+    for name, ids in groups.items():
+        others = [i for other, o in groups.items() if other != name for i in o]
+        within = sims[ids][:, ids]
+        n = len(ids)
+        result[name] = ((within.sum() - within.diagonal().sum()) / (n * (n - 1))).item(), sims[ids][:, others].mean().item()
+    return result
+
+
+def char_groups(chars):
+    """The groups a char model's embeddings are tested for: letters by case and by vowel, digits, punctuation."""
+    have = lambda s: [chars.index(c) for c in s if c in chars]  # noqa: E731
+    groups = {"vowels": have("aeiou"), "consonants": have("bcdfghjklmnpqrstvwxyz"),
+              "uppercase": have("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), "digits": have("0123456789"),
+              "punctuation": have("!\"&'(),-.:;?[]")}
+    return {name: ids for name, ids in groups.items() if len(ids) >= 2}
+
+
+def case_twin_similarity(emb, chars):
+    """Mean cosine of each lowercase letter with its uppercase twin, and with the other uppercase letters."""
+    unit = F.normalize(emb.float(), dim=1)
+    pairs = [(chars.index(c), chars.index(c.upper())) for c in "abcdefghijklmnopqrstuvwxyz" if c in chars and c.upper() in chars]
+    upper = [u for _, u in pairs]
+    twin = sum((unit[lo] @ unit[up]).item() for lo, up in pairs) / len(pairs)
+    other = sum((unit[lo] @ unit[u]).item() for lo, up in pairs for u in upper if u != up) / (len(pairs) * (len(pairs) - 1))
+    return twin, other
+
+
+def show_embeddings(cfg):
+    """Nearest neighbours of a few tokens, the char groups trained vs untrained, and embeddings.png."""
+    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "cpu")
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
+    emb = model.wte.weight.detach()
+    torch.manual_seed(cfg.seed)
+    untrained = GPT(model.cfg).wte.weight.detach()  # same shape and init, no training: the baseline
+    name = lambda i: repr(tokenizer.decode([i]))  # noqa: E731
+    if isinstance(tokenizer, CharTokenizer):
+        probes = [tokenizer.chars.index(c) for c in "aeAE1.;\n" if c in tokenizer.chars]
+    else:
+        probes = frequent_words(tokenizer, read_text(cfg.input), 8)
+    for i, neighbours in zip(probes, cosine_neighbours(emb, probes)):
+        print(f"{name(i):>10} -> " + ", ".join(f"{name(j)} {s:.2f}" for j, s in neighbours))
+    if isinstance(tokenizer, CharTokenizer):
+        print(f"{'group':>12} {'trained: within / between':>26} {'untrained: within / between':>28}")
+        trained, fresh = group_similarity(emb, char_groups(tokenizer.chars)), group_similarity(untrained, char_groups(tokenizer.chars))
+        for g in trained:
+            print(f"{g:>12} {trained[g][0]:12.3f} / {trained[g][1]:.3f} {fresh[g][0]:15.3f} / {fresh[g][1]:.3f}")
+        (twin, other), (twin0, other0) = case_twin_similarity(emb, tokenizer.chars), case_twin_similarity(untrained, tokenizer.chars)
+        print(f"lowercase letter vs its uppercase twin: {twin:.3f} (other uppercase {other:.3f}); untrained {twin0:.3f} ({other0:.3f})")
+    plot_embeddings(emb, [tokenizer.decode([i]) for i in range(emb.size(0))], os.path.join(cfg.out_dir, "embeddings.png"))
+
+
+def frequent_words(tokenizer, text, n):
+    """The n most frequent BPE tokens of the text that are whole words (a space and 3+ letters)."""
+    counts = torch.bincount(torch.tensor(encode(tokenizer, text[: int(0.9 * len(text))])), minlength=len(tokenizer.vocab))
+    words = [i for i in counts.argsort(descending=True).tolist()
+             if len(tokenizer.decode([i])) >= 4 and tokenizer.decode([i])[0] == " " and tokenizer.decode([i])[1:].isalpha()]
+    return words[:n]
+
+
+def plot_embeddings(emb, labels, png_path, max_labels=120):
+    """embeddings.png: each token's vector projected on the two directions of largest variance (PCA)."""
+    centred = emb.float() - emb.float().mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)  # rows of v: principal directions
+    xy = centred @ v[:2].T  # (V, 2)
+    plt, fig, ax = new_figure()
+    ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.4)
+    for i in range(min(len(labels), max_labels)):
+        ax.annotate(repr(labels[i])[1:-1], xy[i].tolist(), fontsize=7)
+    ax.set(xlabel="principal direction 1", ylabel="principal direction 2", title="token embeddings (PCA)")
+    fig.savefig(png_path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
@@ -993,6 +1305,10 @@ def main(argv=None):
     model_cfg, cfg, given = parse_args(argv)
     if cfg.sample:
         sample(cfg, given)
+    elif cfg.sweep:
+        scaling_sweep(cfg, model_cfg)
+    elif cfg.embeddings:
+        show_embeddings(cfg)
     else:
         train(cfg, model_cfg, given)
 

@@ -616,7 +616,7 @@ def run_gpt(args, cwd, check=True, timeout=120):
 
 
 TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-              "--eval-iters", "2", "--warmup-iters", "2", "--device", "cpu"]
+              "--eval-iters", "2", "--warmup-iters", "2", "--device", "cpu", "--no-plot"]  # drawing: its own test
 
 
 @pytest.mark.parametrize("variant", [{}, {"rope": True}, {"n_kv_head": 2}, {"n_kv_head": 1, "rope": True}])
@@ -867,6 +867,12 @@ def test_gpt_stop_and_resume_gives_the_same_losses_as_one_run(tmp_path):
     one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(one[name], two[name]) for name in one)  # bit for bit the same weights
+    # 3) log.csv: the resumed run appended to its own log, which now equals the uninterrupted run's
+    without_clock = lambda run: [{k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
+                                 for row in gpt.read_csv(tmp_path / run / "log.csv")]
+    assert without_clock("two") == without_clock("one")
+    seconds = [row["seconds"] for row in gpt.read_csv(tmp_path / "two" / "log.csv")]
+    assert seconds == sorted(seconds)  # the clock goes on from where the first part stopped
 
 
 def torchrun_gpt(args, cwd):
@@ -891,7 +897,7 @@ def test_gpt_data_parallel_with_torchrun_on_cpu(tmp_path):
     assert reduced_0 == reduced_1  # and the all-reduce made them agree
     assert abs(float(reduced_0) - (float(local_0) + float(local_1)) / 2) < 2e-6
     assert whole.count("step 6: train loss") == 1  # only rank 0 evaluates and logs
-    assert os.listdir(tmp_path / "out") == ["ckpt.pt"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.csv"]
 
     torchrun_gpt([*flags, "--max-iters", "3", "--out-dir", "parts"], tmp_path)
     resumed = torchrun_gpt([*flags, "--max-iters", "6", "--out-dir", "parts", "--resume"], tmp_path)
@@ -1040,7 +1046,7 @@ def test_gpt_refuses_to_replace_a_checkpoint_without_resume_or_overwrite(tmp_pat
     message = gpt_error([*flags, "--prompt", "OTHELLO:"])  # --sample forgotten
     assert f"{os.path.join('out', 'ckpt.pt')} already exists (a checkpoint at step 2): continue it with --resume, " \
            "or replace it with --overwrite" in message
-    assert ckpt.read_bytes() == trained and os.listdir(tmp_path / "out") == ["ckpt.pt"]  # and the lock is gone
+    assert ckpt.read_bytes() == trained and sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.csv"]  # and the lock is gone
     gpt.main([*flags, "--max-iters", "1", "--eval-interval", "1", "--overwrite"])
     assert torch.load(ckpt, weights_only=True)["step"] == 1
 
@@ -1057,12 +1063,12 @@ def test_gpt_sigterm_saves_and_stops_and_one_run_at_a_time_writes_an_out_dir(tmp
     assert proc.returncode == 0 and err == ""
     step = int(re.search(r"^interrupted: saved step (\d+) to \S+; continue with --resume$", out, re.M).group(1))
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == step >= 1
-    assert os.listdir(tmp_path / "out") == ["ckpt.pt"]  # the lock is released
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.csv"]  # the lock is released
     # a lock left behind by a run that died (SIGKILL, a crash) is stale: the next run takes it over
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "out" / "ckpt.pt.lock").write_text(f"{dead.stdout.strip()} {platform.node()}", encoding="utf-8")
     gpt.main([*flags, "--resume", "--max-iters", str(step + 1)])
-    assert os.listdir(tmp_path / "out") == ["ckpt.pt"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.csv"]
 
 
 def test_gpt_closed_stdout_saves_and_stops_quietly(tmp_path):
@@ -1188,7 +1194,7 @@ def test_gpt_failed_checkpoint_write_names_its_cause_and_keeps_the_old_one(tmp_p
     os.symlink("/dev/full", tmp_path / "out" / "ckpt.pt.tmp")  # the next checkpoint goes to a full disk
     message = gpt_error([*flags, "--max-iters", "4", "--resume"])
     assert "ckpt.pt: cannot write the checkpoint (No space left on device: free some disk space)" in message
-    assert ckpt.read_bytes() == saved and os.listdir(tmp_path / "out") == ["ckpt.pt"]
+    assert ckpt.read_bytes() == saved and sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.csv"]
     # torch.save itself reports a failed write as a RuntimeError; the real cause is in its __context__
     with pytest.raises(OSError), open("/dev/full", "wb") as f:  # closing tries the write again, and fails
         with pytest.raises(RuntimeError, match="unexpected pos") as info:
@@ -1220,3 +1226,127 @@ def test_scripts_flush_each_line_they_print():
             "    script.run_command_line(lambda: print(script.__name__, sys.stdout.line_buffering))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["bigram", "True", "gpt", "True", "tokenizer_bpe", "True"], result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# gpt.py experiments: loss curves, the scaling-law sweep, embeddings
+# ---------------------------------------------------------------------------------------------
+
+def assert_png(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" in data[-12:] and len(data) > 5000
+
+
+def test_log_csv_has_a_row_per_evaluation_and_log_line_and_loss_png(tmp_path):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    flags = ["--input", "tiny.txt", *TINY_FLAGS, "--eval-interval", "10", "--log-interval", "5", "--max-new-tokens", "0"]
+    out = run_gpt([*flags, "--max-iters", "20", "--plot"], tmp_path).stdout
+    header = (tmp_path / "out" / "log.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert header == "step,tokens,flops,seconds,lr,train_loss,val_loss,val_bits"
+    rows = gpt.read_csv(tmp_path / "out" / "log.csv")
+    evals = [r for r in rows if r["val_loss"] is not None]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert [r["step"] for r in rows if r["val_loss"] is None] == [5, 10, 15, 20]
+    printed = [tuple(map(float, m)) for m in re.findall(r"train loss ([0-9.]+), val loss ([0-9.]+) \(val ([0-9.]+) bits", out)]
+    for row, (train, val, bits) in zip(evals, printed):
+        assert (row["train_loss"], row["val_loss"]) == pytest.approx((train, val), abs=5.1e-5)  # printed to 4 places
+        assert row["val_bits"] == pytest.approx(bits, abs=5.1e-4)
+    model_cfg = gpt.GPTConfig(**torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_config"])
+    for row in rows:  # 4 sequences of 16 tokens per step
+        assert row["tokens"] == row["step"] * 4 * 16 and row["flops"] == row["tokens"] * gpt.flops_per_token(model_cfg)
+    assert rows[1]["lr"] == pytest.approx(gpt.learning_rate(4, gpt.TrainConfig(max_iters=20, warmup_iters=2)), rel=1e-5)
+    assert_png(tmp_path / "out" / "loss.png")
+    # a resumed run with more steps appends to the log; no step is written twice
+    run_gpt([*flags, "--max-iters", "30", "--resume"], tmp_path)
+    rows = gpt.read_csv(tmp_path / "out" / "log.csv")
+    assert [r["step"] for r in rows if r["val_loss"] is not None] == [0, 10, 20, 30]
+    assert [r["step"] for r in rows if r["val_loss"] is None] == [5, 10, 15, 20, 25, 30]
+    # a fresh run starts the log anew
+    run_gpt([*flags, "--max-iters", "10", "--out-dir", "fresh"], tmp_path)
+    assert [r["step"] for r in gpt.read_csv(tmp_path / "fresh" / "log.csv")] == [0, 5, 10, 10]
+
+
+def test_flops_per_token_equals_a_hand_count():
+    # 1 layer, d=8, 2 heads of 4, vocab 10, context 6: qkv 8x24, proj 8x8, fc 8x32, proj 32x8, head 8x10
+    cfg = gpt.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=6, vocab_size=10)
+    assert gpt.matmul_params(cfg) == 8 * 24 + 64 + 256 + 256 + 80 == 848
+    assert gpt.flops_per_token(cfg) == 6 * 848 + 12 * 1 * 6 * 8
+    # the same count read off a real model: every Linear weight (lm_head included), no lookups
+    for cfg in (cfg, gpt.GPTConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=16, vocab_size=11, bias=False)):
+        model = gpt.GPT(cfg)
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert gpt.matmul_params(cfg) == linear
+    # grouped-query attention: 2 of 4 kv heads of size 4 -> qkv is 16 x (16 + 2*8)
+    assert gpt.matmul_params(cfg) == 3 * (16 * 32 + 256 + 2 * 16 * 64) + 16 * 11
+
+
+def test_scaling_fit_recovers_the_exponents_of_a_known_power_law():
+    # Chinchilla's form L = E + A/N^alpha + B/D^beta with D = C/(6N): the loss-optimal N* grows as
+    # C^(beta/(alpha+beta)) and D* as C^(alpha/(alpha+beta))
+    E, A, B, alpha, beta = 1.7, 400.0, 400.0, 0.34, 0.28
+    runs = []
+    for budget in (1e15, 1e16, 1e17, 1e18):
+        n_opt = (alpha * A / (beta * B) * (budget / 6) ** beta) ** (1 / (alpha + beta))
+        for factor in (0.25, 0.5, 0.8, 1.25, 2.0, 4.0):
+            n = n_opt * factor
+            d = budget / (6 * n)
+            runs.append(dict(flops=budget, n=n, tokens=d, val_loss=E + A / n ** alpha + B / d ** beta))
+    optima, a, b, frontier = gpt.fit_scaling_law(runs)
+    assert a == pytest.approx(beta / (alpha + beta), abs=0.01)
+    assert b == pytest.approx(alpha / (alpha + beta), abs=0.01)
+    for o in optima:
+        assert o["d_star"] == pytest.approx(o["flops"] / (6 * o["n_star"]), rel=1e-6)
+    assert 0 < frontier < beta  # the irreducible E flattens the frontier
+    # a parabola's vertex is found exactly
+    assert gpt.parabola_minimum([0.0, 1.0, 2.0, 3.0], [(u - 1.3) ** 2 + 2 for u in (0, 1, 2, 3)]) == pytest.approx((1.3, 2.0))
+
+
+def test_scaling_sweep_miniature_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    argv = ["--input", "tiny.txt", *TINY_FLAGS, "--sweep", "--sweep-budgets", "2e7,4e7", "--sweep-widths", "8,16",
+            "--out-dir", "sweep"]
+    gpt.main(argv)
+    out = capsys.readouterr().out
+    runs = gpt.read_csv(tmp_path / "sweep" / "sweep.csv")
+    assert [(r["flops"], r["width"]) for r in runs] == [(2e7, 8), (2e7, 16), (4e7, 8), (4e7, 16)]
+    for r in runs:
+        cfg = gpt.GPTConfig(n_layer=1, n_head=2, n_embd=int(r["width"]), block_size=16, vocab_size=len(set(SHAKESPEARE_BIT)))
+        assert r["n"] == gpt.matmul_params(cfg)
+        assert r["steps"] == round(r["flops"] / (4 * 16 * gpt.flops_per_token(cfg)))
+        assert r["tokens"] == r["steps"] * 4 * 16
+        last_eval = [row for row in gpt.read_csv(tmp_path / "sweep" / f"run-{r['flops']:.0e}-{int(r['width'])}" / "log.csv")
+                     if row["val_loss"] is not None][-1]
+        assert r["val_loss"] == pytest.approx(last_eval["val_loss"], abs=1e-5)
+    assert len(re.findall(r"^ +[24]e\+07 +(8|16) ", out, re.M)) == 4  # one printed row per run
+    assert "N* ∝ C^" in out and "tokens per parameter" in out
+    assert_png(tmp_path / "sweep" / "sweep.png")
+    gpt.main(argv)  # again: every run is already done and is not trained twice
+    assert "sweep: 4 runs" in capsys.readouterr().out
+    assert len(gpt.read_csv(tmp_path / "sweep" / "sweep.csv")) == 4
+
+
+def test_embedding_neighbours_and_groups_of_a_hand_made_table():
+    emb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.1, 0.9]])
+    neighbours = gpt.cosine_neighbours(emb, [0, 2], k=2)
+    assert [i for i, _ in neighbours[0]] == [1, 4] and [i for i, _ in neighbours[1]] == [4, 1]
+    assert neighbours[0][0][1] == pytest.approx(0.9 / math.hypot(0.9, 0.1))
+    within, between = gpt.group_similarity(emb, {"x": [0, 1], "y": [2, 4]})["x"]
+    assert within == pytest.approx(0.9 / math.hypot(0.9, 0.1))
+    h = math.hypot(0.9, 0.1)
+    assert between == pytest.approx((0.0 + 0.1 / h + 0.1 / h + 0.18 / h ** 2) / 4)  # 0-2, 0-4, 1-2, 1-4
+    # case twins: 'a' is close to 'A' and 'b' to 'B', each far from the other's twin
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.2], [0.1, 1.0]])  # A, B, a, b
+    twin, other = gpt.case_twin_similarity(table, "ABab")
+    assert twin == pytest.approx((1 / math.hypot(1, 0.2) + 1 / math.hypot(0.1, 1)) / 2)
+    assert other == pytest.approx((0.2 / math.hypot(1, 0.2) + 0.1 / math.hypot(0.1, 1)) / 2)
+
+
+def test_embeddings_flag_prints_neighbours_groups_and_draws(tmp_path):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT + "AEIOU aeiou 0123 ;:!?\n", encoding="utf-8")
+    run_gpt(["--input", "tiny.txt", *TINY_FLAGS, "--max-iters", "5", "--max-new-tokens", "0"], tmp_path)
+    out = run_gpt(["--embeddings"], tmp_path).stdout
+    assert re.search(r"^ +'a' -> ('.+' -?[0-9.]+, ){4}'.+' -?[0-9.]+$", out, re.M)
+    assert re.search(r"^ +vowels +-?[0-9.]+ / -?[0-9.]+ +-?[0-9.]+ / -?[0-9.]+$", out, re.M)
+    assert "lowercase letter vs its uppercase twin" in out
+    assert_png(tmp_path / "out" / "embeddings.png")
