@@ -1098,7 +1098,9 @@ def test_bigram_ctrl_c_ends_in_one_line(tmp_path):
     (tmp_path / "small.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     proc = subprocess.Popen([sys.executable, str(BIGRAM), "--input", "small.txt", "--max-iters", "10000000",
                              "--eval-interval", "1000", "--block-size", "8"], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # as from a terminal: a test run started in the background inherits an ignored SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     kill_if_hung(proc)
     assert "characters, vocabulary" in proc.stdout.readline()  # printed before training
     proc.send_signal(signal.SIGINT)
