@@ -3,18 +3,22 @@
     python gpt.py                         # train on input.txt, save out/ckpt.pt, print a sample
     python gpt.py --sample --prompt "ROMEO:"   # sample from the saved checkpoint
     torchrun --standalone --nproc_per_node=2 gpt.py   # data-parallel training on 2 GPUs (or CPU procs)
+    python gpt.py --bench-attention       # attention three ways: time and memory, T = 256 ... 16384
 
-Read it top to bottom: config, data, model (attention -> block -> GPT), training, sampling, main().
+Read it top to bottom: config, data, model (attention -> block -> GPT), training, sampling,
+FlashAttention-2 from scratch, the attention benchmark, main().
 """
 import argparse
 import dataclasses
 import errno
 import gc
 import io
+import json
 import math
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext, redirect_stdout, suppress
@@ -41,6 +45,8 @@ class GPTConfig:
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout probability while training"})
     bias: bool = dataclasses.field(default=True, metadata={"help": "biases in Linear and LayerNorm layers, as GPT-2"})
     rope: bool = dataclasses.field(default=False, metadata={"help": "rotary position embeddings, no position table"})
+    attention: str = dataclasses.field(default="sdpa", metadata={"help": "sdpa (the fused kernel), math (the formula "
+                                                                         "written out) or flash (FlashAttention-2 in PyTorch)"})
     vocab_size: int = 0  # derived from the tokenizer, so it has no flag
 
     def kv_heads(self):
@@ -78,6 +84,9 @@ class TrainConfig:
     top_k: int = dataclasses.field(default=0, metadata={"help": "sample among the k likeliest tokens; 0 = off"})
     top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus: smallest set with this probability; 1 = off"})
     kv_cache: bool = dataclasses.field(default=True, metadata={"help": "generate with the KV cache (or recompute the context)"})
+    bench_attention: bool = dataclasses.field(default=False, metadata={"help": "only time sdpa, math and flash attention "
+                                                                                "for T = 256 ... 16384 and measure their memory"})
+    bench_mem_gib: float = dataclasses.field(default=6.0, metadata={"help": "memory cap of each --bench-attention case (GiB)"})
     plot: bool = dataclasses.field(default=True, metadata={"help": "draw <out-dir>/loss.png from log.csv when training ends"})
     # experiments (section "Experiments" below): each replaces training with a study
     sweep: bool = dataclasses.field(default=False, metadata={"help": "scaling-law sweep: train every width at every budget"})
@@ -271,6 +280,42 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+# Attention three ways, one signature: q (B, nh, T, hd), keys and values (B, n_kv, L, hd) -> (B, nh, T, hd).
+# The T queries are the last T of the L positions (L > T when the earlier keys come from the KV cache),
+# and a group of nh/n_kv query heads shares each key/value head (grouped-query attention).
+
+def attention_math(q, k, v, dropout_p=0.0):
+    """The formula written out: softmax(q k^T / sqrt(hd) + causal mask) v. Simple, but the (T, L) scores
+    of every head are materialised, and kept for the backward pass: memory grows as T * L."""
+    B, nh, T, hd = q.shape
+    n_kv, L = k.size(1), k.size(2)
+    q = q.reshape(B, n_kv, nh // n_kv * T, hd)  # a group's query heads, stacked as rows: k and v are not copied
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hd)  # (B, n_kv, g*T, L)
+    if T > 1:  # query t sits at position L-T+t and sees keys 0..L-T+t; one new token sees everything
+        future = torch.ones(T, L, dtype=torch.bool, device=q.device).triu(L - T + 1)  # (T, L)
+        scores = scores.view(B, n_kv, -1, T, L).masked_fill(future, float("-inf")).view(B, n_kv, -1, L)
+    probs = scores.softmax(dim=-1)  # (B, n_kv, g*T, L): each row sums to 1 over the keys it may see
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return (probs @ v).view(B, nh, T, hd)  # (B, n_kv, g*T, hd) -> (B, nh, T, hd)
+
+
+def attention_sdpa(q, k, v, dropout_p=0.0):
+    """The same in one fused kernel (a FlashAttention-style one on CPU and on recent GPUs)."""
+    T, L = q.size(2), k.size(2)
+    mask = None if T in (1, L) else torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T == L and T > 1),
+                                          dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1))
+
+
+ATTENTIONS = ("sdpa", "math", "flash")
+
+
+def pick_attention(name):
+    """attention_flash, FlashAttention-2 from scratch, has a section of its own near the end of the file."""
+    return {"sdpa": attention_sdpa, "math": attention_math, "flash": attention_flash}[name]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -280,6 +325,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.attend = pick_attention(cfg.attention)  # chosen once here, never per token
 
     def forward(self, x, rope=None, cache=None, layer=0):
         B, T, C = x.shape
@@ -292,13 +338,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, L, hd), L = cached + T
-        # Causal mask: query t (at absolute position L-T+t) sees keys 0..L-T+t. When T == L that is
-        # the usual lower triangle; one new token sees everything cached, so it needs no mask.
-        L = k.size(2)
-        mask = None if T in (1, L) else torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
-        y = F.scaled_dot_product_attention(  # softmax(q k^T / sqrt(hd)) v, fused
-            q, k, v, attn_mask=mask, is_causal=(T == L and T > 1),
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
+        y = self.attend(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.proj(y))
 
@@ -583,9 +623,10 @@ def write_failure(err):
     return f"{err.strerror or err}: {fixes.get(err.errno, 'pass another --out-dir')}"
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path, device, attention=None):
     """The checkpoint dict and its rebuilt model, or a one-line error saying what is wrong. A file that
-    cannot be opened (missing, a directory, no permission) is a bad path, not a bad checkpoint."""
+    cannot be opened (missing, a directory, no permission) is a bad path, not a bad checkpoint.
+    attention replaces the saved choice: the three compute the same function of the same weights."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -607,7 +648,7 @@ def load_checkpoint(path, device):
         raise ValueError(f"{path}: not a gpt.py checkpoint of format {CHECKPOINT_FORMAT}; train again with this gpt.py")
     try:
         TrainConfig(**ckpt["train_config"])
-        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model = GPT(GPTConfig(**{**ckpt["model_config"], **({"attention": attention} if attention else {})}))
         model.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0]
@@ -746,7 +787,7 @@ def _train(cfg, model_cfg, given):
     # 1) data and tokenizer (from the checkpoint when resuming, so the ids mean the same)
     ckpt = None
     if cfg.resume:
-        ckpt, model = load_checkpoint(ckpt_path, device)
+        ckpt, model = load_checkpoint(ckpt_path, device, model_cfg.attention if "attention" in given else None)
         saved = TrainConfig(**ckpt["train_config"])
         check_unchanged(given, (model_cfg, cfg), (model.cfg, saved))
         # the run's own settings, except what this command line sets again (say, a larger --max-iters)
@@ -977,17 +1018,263 @@ def print_sample(model, tokenizer, cfg, device):
 
 # The flags --sample uses; the model, its tokenizer and its training settings come from the checkpoint.
 SAMPLE_FLAGS = {"out_dir", "device", "seed", "sample", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
-                "kv_cache"}
+                "kv_cache",
+                "attention"}
 
 
-def sample(cfg, given=frozenset()):
+def sample(cfg, given=frozenset(), attention=None):
+    """Sample from <out-dir>/ckpt.pt; attention, if given, replaces the checkpoint's choice of implementation."""
     ignored = sorted(given - SAMPLE_FLAGS)
     if ignored:
         print(f"note: --sample takes the model from the checkpoint, so it ignores "
               f"{', '.join('--' + name.replace('_', '-') for name in ignored)}", file=sys.stderr)
     device = pick_device(cfg.device)
-    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, attention)
     print_sample(model, tokenizer_from_state(ckpt["tokenizer"]), cfg, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# FlashAttention-2 from scratch (--attention flash): attention_math's formula computed tile by tile, so
+# that no (T, L) matrix ever exists: memory grows as T, not T * L. The names are the paper's (Dao, 2023):
+#   S = Q K^T / sqrt(hd)  the scores of one tile of queries against one tile of keys
+#   m                     the running maximum of each query row's scores, so that exp never overflows
+#   l                     the running sum of exp(S - m) of each row: the softmax denominator so far
+#   O                     the running sum of exp(S - m) V; divided by l once all key tiles are seen
+#   LSE = m + log(l)      each row's log-sum-exp: all that forward keeps for backward, besides O
+#   D = rowsum(dO * O)    each row's term of the softmax's backward, computed once per backward
+# When a key tile raises a row's maximum from m_old to m_new, the l and O kept so far are sums of
+# exp(S - m_old): multiplying them by exp(m_old - m_new) puts them on the new maximum's scale.
+# ----------------------------------------------------------------------------------------------
+
+FLASH_BLOCK_Q, FLASH_BLOCK_K = 256, 256  # positions per tile: the fastest of 12 pairs from 64 to 1024 at T = 4096 on CPU
+
+
+def attention_flash(q, k, v, dropout_p=0.0, block_q=FLASH_BLOCK_Q, block_k=FLASH_BLOCK_K):
+    """attention_math's signature and result. Rows of the grouped layout: row t*g + i is query t of head
+    i of its group (g = nh / n_kv query heads per key/value head), so a tile of query positions is a
+    slice of rows and the heads of a group share each key tile that is loaded."""
+    B, nh, T, hd = q.shape
+    n_kv = k.size(1)
+    g = nh // n_kv
+    seed = int(torch.randint(2**62, ())) if dropout_p > 0 else 0  # drawn from torch's RNG: torch.manual_seed rules
+    rows = q.view(B, n_kv, g, T, hd).transpose(2, 3).reshape(B, n_kv, T * g, hd)  # (B, n_kv, T*g, hd)
+    O = FlashAttention.apply(rows, k, v, g, dropout_p, seed, block_q, block_k)  # (B, n_kv, T*g, hd)
+    return O.view(B, n_kv, T, g, hd).transpose(2, 3).reshape(B, nh, T, hd)
+
+
+def tile_scores(Qi, Kj, i0, i1, j0, j1, offset, g):
+    """S of query positions i0..i1-1 (at offset + i; Qi already scaled by 1/sqrt(hd)) against keys
+    j0..j1-1, with the causal future at -inf."""
+    S = Qi @ Kj.transpose(-2, -1)  # (B, n_kv, (i1-i0)*g, j1-j0)
+    if j1 - 1 > offset + i0:  # the tile reaches past its first query's position: mask the future
+        pos = offset + torch.arange(i0, i1, device=S.device).repeat_interleave(g)  # each row's position
+        S.masked_fill_(torch.arange(j0, j1, device=S.device) > pos[:, None], float("-inf"))
+    return S
+
+
+def tile_dropout(P, dropout_p, seed):
+    """The keep-mask of one tile, scaled by 1/(1-p), from the tile's own seed: backward regenerates
+    exactly the mask that forward used, and nothing of it is stored."""
+    gen = torch.Generator(device=P.device).manual_seed(seed)
+    return (torch.rand(P.shape, generator=gen, device=P.device, dtype=P.dtype) >= dropout_p) / (1 - dropout_p)
+
+
+def flash_forward(q, k, v, g, dropout_p, seed, block_q, block_k):
+    """q (B, n_kv, T*g, hd) in rows, k and v (B, n_kv, L, hd) -> O like q, LSE (B, n_kv, T*g)."""
+    T, L = q.size(2) // g, k.size(2)
+    O, LSE = torch.empty_like(q), q.new_empty(q.shape[:-1])
+    for i0 in range(0, T, block_q):  # one tile of queries at a time, all batches and heads at once
+        i1 = min(T, i0 + block_q)
+        rows = slice(i0 * g, i1 * g)
+        Qi = q[:, :, rows] / math.sqrt(q.size(-1))  # (B, n_kv, rows, hd)
+        m = Qi.new_full(Qi.shape[:-1], float("-inf"))  # (B, n_kv, rows)
+        l = Qi.new_zeros(Qi.shape[:-1])  # (B, n_kv, rows)
+        Oi = torch.zeros_like(Qi)  # (B, n_kv, rows, hd)
+        for j0 in range(0, L - T + i1, block_k):  # key tiles wholly after the last query: skipped
+            j1 = min(L, j0 + block_k)
+            S = tile_scores(Qi, k[:, :, j0:j1], i0, i1, j0, j1, L - T, g)  # (B, n_kv, rows, cols)
+            m_new = torch.maximum(m, S.amax(dim=-1))  # finite: every query sees key 0, in the first tile
+            P = S.sub_(m_new.unsqueeze(-1)).exp_()  # unnormalised probabilities (in place: S is not needed)
+            alpha = (m - m_new).exp_()  # rescales what was summed relative to m_old
+            l = l.mul_(alpha).add_(P.sum(dim=-1))
+            if dropout_p > 0:  # after l: dropout acts on the probabilities, not on their denominator
+                P.mul_(tile_dropout(P, dropout_p, seed + i0 * L + j0))
+            Oi = Oi.mul_(alpha.unsqueeze(-1)).add_(P @ v[:, :, j0:j1])
+            m = m_new
+        O[:, :, rows] = Oi / l.unsqueeze(-1)
+        LSE[:, :, rows] = m + l.log()
+    return O, LSE
+
+
+def flash_backward(dO, q, k, v, O, LSE, g, dropout_p, seed, block_q, block_k):
+    """dq, dk, dv tile by tile, each tile's probabilities recomputed from q, k and the saved LSE."""
+    T, L = q.size(2) // g, k.size(2)
+    D = (dO * O).sum(dim=-1)  # (B, n_kv, T*g): rowsum(dP * P) of the softmax backward, without P
+    q = q / math.sqrt(q.size(-1))  # the scaled queries give S, and dk = dS^T (q / sqrt(hd))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for j0 in range(0, L, block_k):  # key tiles outside, as FA2: a tile's dk and dv build up in one place
+        j1 = min(L, j0 + block_k)
+        Kj, Vj = k[:, :, j0:j1], v[:, :, j0:j1]  # (B, n_kv, cols, hd)
+        dKj, dVj = torch.zeros_like(Kj), torch.zeros_like(Vj)
+        for i0 in range(max(0, j0 - (L - T)) // block_q * block_q, T, block_q):  # the tiles forward ran
+            i1 = min(T, i0 + block_q)
+            rows = slice(i0 * g, i1 * g)
+            Qi, dOi = q[:, :, rows], dO[:, :, rows]  # (B, n_kv, rows, hd)
+            S = tile_scores(Qi, Kj, i0, i1, j0, j1, L - T, g)
+            P = S.sub_(LSE[:, :, rows].unsqueeze(-1)).exp_()  # forward's probabilities, exactly
+            dP = dOi @ Vj.transpose(-2, -1)  # (B, n_kv, rows, cols)
+            if dropout_p > 0:  # the same mask as forward, from the same seed
+                Z = tile_dropout(P, dropout_p, seed + i0 * L + j0)
+                dVj += (P * Z).transpose(-2, -1) @ dOi
+                dP.mul_(Z)
+            else:
+                dVj += P.transpose(-2, -1) @ dOi  # rows hold all g heads of the group: sums over them
+            dS = dP.sub_(D[:, :, rows].unsqueeze(-1)).mul_(P)  # the softmax's backward
+            dq[:, :, rows] += dS @ Kj
+            dKj += dS.transpose(-2, -1) @ Qi
+        dk[:, :, j0:j1], dv[:, :, j0:j1] = dKj, dVj
+    return dq / math.sqrt(q.size(-1)), dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    """Joins the two passes; autograd keeps only q, k, v, O and LSE between them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, dropout_p, seed, block_q, block_k):
+        O, LSE = flash_forward(q, k, v, g, dropout_p, seed, block_q, block_k)
+        ctx.save_for_backward(q, k, v, O, LSE)
+        ctx.args = g, dropout_p, seed, block_q, block_k
+        return O
+
+    @staticmethod
+    def backward(ctx, dO):
+        dq, dk, dv = flash_backward(dO, *ctx.saved_tensors, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiment: attention three ways, timed and measured (--bench-attention)
+# ----------------------------------------------------------------------------------------------
+
+BENCH_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def bench_attention(device, mem_gib, lengths=BENCH_LENGTHS, impls=ATTENTIONS):
+    """Forward+backward time and peak memory of each attention at batch 1, 4 heads, head size 64,
+    causal, float32. Each case runs in a fresh process, so one case's memory cannot hide in another's
+    peak, and one that runs out of memory is a row of the table, not the end of the benchmark."""
+    if os.name == "nt" and not device.startswith("cuda"):
+        raise ValueError("--bench-attention measures CPU memory with Linux and macOS tools; run it there, or on CUDA")
+    threads = f"{torch.get_num_threads()} thread" + "s" * (torch.get_num_threads() > 1)
+    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    memory = ("torch.cuda.max_memory_allocated" if device.startswith("cuda") else
+              f"peak RSS growth of a fresh process, capped at {mem_gib:g} GiB")
+    print(f"attention forward+backward: batch 1, 4 heads, head size 64, causal, float32, on {device} "
+          f"({threads}{load}); memory: {memory}")
+    print(f"{'T':>6} " + "".join(f"{name + ' ms':>11}" for name in impls) + "  " + "".join(f"{name + ' MiB':>12}" for name in impls))
+    results = {}
+    for T in lengths:
+        cases = [bench_in_child(impl, T, device, mem_gib) for impl in impls]
+        results.update({(impl, T): case for impl, case in zip(impls, cases)})
+        times = "".join(f"{case['ms']:>11.1f}" if "ms" in case else f"{'-':>11}" for case in cases)
+        peaks = "".join(f"{case['peak'] / 2**20:>12.1f}" if "peak" in case else f"{'-':>12}" for case in cases)
+        errors = "; ".join(f"{impl}: {case['error']}" for impl, case in zip(impls, cases) if "error" in case)
+        print(f"{T:>6} {times}  {peaks}" + (f"  ({errors})" if errors else ""), flush=True)
+    print_bench_targets(results)
+    return results
+
+
+def print_bench_targets(results):
+    """The issue's targets, checked on what was measured."""
+    def got(impl, T, key):  # nan where the case is missing or ran out of memory
+        return results.get((impl, T), {}).get(key) or float("nan")
+
+    targets = [
+        ("math's peak memory over flash's at T=8192", got("math", 8192, "peak") / got("flash", 8192, "peak"),
+         "10 or more", lambda x: x >= 10),
+        ("flash's peak memory at T=16384, GiB", got("flash", 16384, "peak") / 2**30, "under 1", lambda x: x < 1),
+        ("flash's time over math's at T=4096", got("flash", 4096, "ms") / got("math", 4096, "ms"), "under 1", lambda x: x < 1),
+        ("flash's time over sdpa's at T=4096", got("flash", 4096, "ms") / got("sdpa", 4096, "ms"), "2.5 or less", lambda x: x <= 2.5)]
+    for text, value, target, met in targets:
+        verdict = "not measured" if math.isnan(value) else "met" if met(value) else "MISSED"
+        print(f"{text}: {value:.2f} (target: {target}): {verdict}")
+
+
+def bench_in_child(impl, T, device, mem_gib):
+    """Run bench_case in a fresh Python; its last line of output is a JSON dict."""
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import gpt; gpt.bench_case(*sys.argv[2:])"
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        done = subprocess.run([sys.executable, "-c", code, here, impl, str(T), device, str(mem_gib)],
+                              capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return {"error": "over 10 minutes"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"crashed with exit code {done.returncode}: {last[:120]}"}
+    return json.loads(lines[-1])
+
+
+def bench_case(impl, T, device, mem_gib):
+    """In the fresh process: print {"ms": best forward+backward time, "peak": bytes} or {"error": ...}."""
+    T, mem_gib, cuda = int(T), float(mem_gib), device.startswith("cuda")
+    attend = pick_attention(impl)
+
+    def run(T):
+        """forward+backward once, in seconds; q, k, v, dy (1, 4, T, 64)"""
+        q, k, v, dy = (torch.randn(1, 4, T, 64, device=device, requires_grad=i < 3) for i in range(4))
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        attend(q, k, v, 0.0).backward(dy)
+        sync()
+        return time.perf_counter() - t0
+
+    run(16)  # the first call starts threads and allocators: part of the baseline, not of the case
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = start_counting_memory(mem_gib)
+    try:
+        times = [run(T)]
+        while len(times) < 5 and sum(times) < 2.0:  # the best of up to 5 runs, or of those that fit in ~2 s
+            times.append(run(T))
+    except (RuntimeError, MemoryError) as err:
+        if not isinstance(err, (MemoryError, torch.OutOfMemoryError)) and "allocate memory" not in str(err):
+            raise
+        print(json.dumps({"error": "out of GPU memory" if cuda else f"out of memory at the {mem_gib:g} GiB cap"}))
+        return
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    print(json.dumps({"ms": 1000 * min(times), "peak": peak - baseline}))
+
+
+def peak_rss():
+    """The most memory this process has had resident, in bytes: Linux's VmHWM (ru_maxrss would also
+    count the parent's size, which a child inherits at exec), else ru_maxrss (resource is Unix-only)."""
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status", encoding="utf-8") as f:
+            return 1024 * int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def start_counting_memory(gib):
+    """On Linux: 1) give freed memory back and make the resident size now the peak, or the imports'
+    leftovers would hide a small case; 2) let the process map at most gib GiB more, so that an allocation
+    past the cap fails here, as an error the case reports, never taking memory from the rest of the
+    machine. Returns the peak to count from."""
+    if os.path.exists("/proc/self/clear_refs"):
+        import ctypes
+        import resource
+        getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)(0)  # glibc's; other C libraries lack it
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")  # resets VmHWM, the peak resident size (Linux >= 4.0)
+        with open("/proc/self/statm", encoding="utf-8") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + int(gib * 2**30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return peak_rss()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1282,6 +1569,8 @@ def config_problem(m, c):
         return f"--n-kv-head {m.n_kv_head} must divide --n-head {m.n_head} (0 means n_head)"
     if not 0.0 <= m.dropout < 1.0:
         return f"--dropout must be in [0, 1), got {m.dropout}"
+    if m.attention not in ATTENTIONS:
+        return f"--attention {m.attention!r}: choose sdpa, math or flash"
     if c.tokenizer not in ("char", "bpe"):
         return f"--tokenizer {c.tokenizer!r}: choose char or bpe"
     if c.tokenizer == "bpe" and c.vocab_size < 257:
@@ -1295,6 +1584,8 @@ def config_problem(m, c):
         return f"--{sampling[0].replace('_', '-')} {sampling[1]}"
     if c.resume and c.overwrite:
         return "--resume continues the checkpoint, --overwrite replaces it: give one of them"
+    if c.bench_mem_gib <= 0:
+        return f"--bench-mem-gib must be positive, got {c.bench_mem_gib}"
     if c.device not in ("auto", "cpu", "cuda", "mps"):
         return f"--device {c.device!r}: choose auto, cpu, cuda or mps"
     return None
@@ -1303,8 +1594,10 @@ def config_problem(m, c):
 def main(argv=None):
     gc.freeze()  # torch's 160k objects live until exit: exempt them from garbage collection (0.5 s)
     model_cfg, cfg, given = parse_args(argv)
-    if cfg.sample:
-        sample(cfg, given)
+    if cfg.bench_attention:
+        bench_attention(pick_device(cfg.device), cfg.bench_mem_gib)
+    elif cfg.sample:
+        sample(cfg, given, model_cfg.attention if "attention" in given else None)
     elif cfg.sweep:
         scaling_sweep(cfg, model_cfg)
     elif cfg.embeddings:

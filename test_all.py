@@ -619,7 +619,8 @@ TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size
               "--eval-iters", "2", "--warmup-iters", "2", "--device", "cpu", "--no-plot"]  # drawing: its own test
 
 
-@pytest.mark.parametrize("variant", [{}, {"rope": True}, {"n_kv_head": 2}, {"n_kv_head": 1, "rope": True}])
+@pytest.mark.parametrize("variant", [{}, {"rope": True}, {"n_kv_head": 2}, {"n_kv_head": 1, "rope": True},
+                                     {"attention": "math"}, {"attention": "flash", "n_kv_head": 1, "rope": True}])
 def test_gpt_is_causal(variant):
     model = tiny_gpt(**variant)
     idx = torch.randint(0, 23, (2, 16))
@@ -673,6 +674,114 @@ def test_gqa_equals_multi_head_attention_with_shared_kv_weights():
     idx = torch.randint(0, 23, (2, 16))
     torch.testing.assert_close(gqa(idx)[0], mha(idx)[0], atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in gqa.parameters()) < sum(p.numel() for p in mha.parameters())
+
+
+def flash_small_tiles(q, k, v, dropout_p=0.0):
+    return gpt.attention_flash(q, k, v, dropout_p, block_q=24, block_k=36)  # tiles that divide none of the T, L below
+
+
+ATTENTIONS = {"math": gpt.attention_math, "flash": gpt.attention_flash, "flash_small_tiles": flash_small_tiles}
+
+
+@pytest.mark.parametrize("name", ATTENTIONS)
+@pytest.mark.parametrize("T, L", [(1, 1), (7, 7), (64, 64), (300, 300), (1, 40), (7, 40), (64, 300)])
+def test_math_and_flash_attention_equal_sdpa_with_gradients(name, T, L):
+    """T queries after L - T cached keys; 4 query heads on 1, 2 or 4 key/value heads."""
+    torch.manual_seed(0)
+    for n_kv in (1, 2, 4):
+        q = torch.randn(2, 4, T, 16, requires_grad=True)
+        k, v = (torch.randn(2, n_kv, L, 16, requires_grad=True) for _ in range(2))
+        w = torch.randn(2, 4, T, 16)  # a random linear loss: every output gets a gradient of its own
+        y, y_sdpa = ATTENTIONS[name](q, k, v), gpt.attention_sdpa(q, k, v)
+        torch.testing.assert_close(y, y_sdpa, atol=1e-5, rtol=0)
+        grads = torch.autograd.grad((y * w).sum(), (q, k, v))
+        grads_sdpa = torch.autograd.grad((y_sdpa * w).sum(), (q, k, v))
+        for grad, grad_sdpa in zip(grads, grads_sdpa):
+            torch.testing.assert_close(grad, grad_sdpa, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["math", "flash"])
+def test_gpt_with_each_attention_equals_sdpa_with_rope_and_gqa(attention):
+    x, y = torch.randint(0, 23, (2, 16)), torch.randint(0, 23, (2, 16))
+    models = [tiny_gpt(rope=True, n_kv_head=2, attention=name).train() for name in ("sdpa", attention)]
+    losses = [model(x, y)[1] for model in models]  # training mode, dropout 0: the same function
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=0)
+    for loss in losses:
+        loss.backward()
+    for p_sdpa, p in zip(*(model.parameters() for model in models)):
+        torch.testing.assert_close(p.grad, p_sdpa.grad, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ATTENTIONS)
+def test_each_attention_is_causal(name):
+    """30 queries at positions 20..49 after 20 cached keys: keys and values from position 35 on
+    change no output of the queries before it, to the bit, and do change the later ones."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 35:], v2[:, :, 35:] = torch.randn(1, 2, 15, 8), torch.randn(1, 2, 15, 8)
+    y, y2 = ATTENTIONS[name](q, k, v), ATTENTIONS[name](q, k2, v2)
+    assert torch.equal(y[:, :, :15], y2[:, :, :15])
+    assert not torch.isclose(y[:, :, 15:], y2[:, :, 15:]).any()
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_flash_backward_passes_gradcheck(dropout_p):
+    """float64; 2 query heads on one key/value head, 5 queries after 4 cached keys, tiles of 2 and 3
+    positions. With dropout the seed is the same at each call: backward must regenerate forward's mask."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 1, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def flash(q, k, v):
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            return gpt.attention_flash(q, k, v, dropout_p, block_q=2, block_k=3)
+
+    assert torch.autograd.gradcheck(flash, (q, k, v))
+
+
+@pytest.mark.parametrize("attend", [gpt.attention_sdpa, gpt.attention_math, flash_small_tiles])
+def test_attention_dropout_drops_probabilities_and_rescales_the_rest(attend):
+    """q = 0 spreads each query's attention evenly over the keys it sees, 1/(t+1) each, and with v the
+    identity each output row is that attention row: every entry is 0 or kept and scaled by 1/(1-p)."""
+    T, p = 64, 0.25
+    q, k, v = torch.zeros(1, 1, T, T), torch.randn(1, 1, T, T), torch.eye(T).view(1, 1, T, T)
+    torch.manual_seed(0)
+    y = attend(q, k, v, p)[0, 0]  # (T, T): query t's attention on key s
+    seen = torch.ones(T, T, dtype=torch.bool).tril()
+    kept = (1 / (1 - p) / torch.arange(1, T + 1)).unsqueeze(1).expand(T, T)
+    dropped = y == 0
+    assert torch.all(dropped[~seen])
+    assert torch.all((dropped | torch.isclose(y, kept))[seen])
+    assert abs(dropped[seen].float().mean().item() - p) < 0.04  # 2080 entries
+    torch.manual_seed(0)
+    assert torch.equal(attend(q, k, v, p)[0, 0], y)  # torch.manual_seed decides the mask
+
+
+@pytest.mark.parametrize("attention", ["math", "flash"])
+def test_training_with_attention_dropout_lowers_the_loss(attention):
+    model = tiny_gpt(attention=attention, dropout=0.1).train()
+    x, y = torch.randint(0, 23, (4, 16)), torch.randint(0, 23, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_attention_benchmark_reports_running_out_of_memory_as_a_row(capsys):
+    """The math formula keeps (T, T) scores, probabilities and their gradients, about 230 MB at T = 2048:
+    past a 0.15 GiB cap it runs out of memory, which is a row of the table; flash (about 30 MB) fits."""
+    results = gpt.bench_attention("cpu", 0.15, lengths=(2048,), impls=("math", "flash"))
+    out = capsys.readouterr().out
+    assert "(math: out of memory at the 0.15 GiB cap)" in out
+    assert results["flash", 2048]["ms"] > 0 and 0 < results["flash", 2048]["peak"] < 0.15 * 2**30
+    assert "flash's time over math's at T=4096: nan (target: under 1): not measured" in out
 
 
 def test_kv_cache_shrinks_by_n_head_over_n_kv_head():
@@ -737,7 +846,9 @@ def lively_gpt(**overrides):
     return model
 
 
-@pytest.mark.parametrize("variant", [{}, {"rope": True}, {"n_kv_head": 1}, {"rope": True, "n_kv_head": 2}])
+@pytest.mark.parametrize("variant", [{}, {"rope": True}, {"n_kv_head": 1}, {"rope": True, "n_kv_head": 2},
+                                     {"attention": "math", "rope": True, "n_kv_head": 2},
+                                     {"attention": "flash", "rope": True, "n_kv_head": 2}])
 def test_cached_generation_equals_uncached_also_past_block_size(variant):
     model = lively_gpt(**variant)
     prompt = torch.randint(0, 23, (2, 5))
@@ -751,7 +862,8 @@ def test_cached_generation_equals_uncached_also_past_block_size(variant):
                        model.generate(long_prompt, 20, temperature=0, use_cache=False))
 
 
-@pytest.mark.parametrize("variant", [{}, {"rope": True, "n_kv_head": 2}])
+@pytest.mark.parametrize("variant", [{}, {"rope": True, "n_kv_head": 2}, {"attention": "math", "n_kv_head": 1},
+                                     {"attention": "flash", "rope": True, "n_kv_head": 2}])
 def test_cached_logits_equal_uncached_logits(variant):
     model = lively_gpt(**variant)
     idx = torch.randint(0, 23, (1, 16))
@@ -796,7 +908,7 @@ def test_sampling_temperature_top_k_top_p():
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
-    model = tiny_gpt(rope=True, n_kv_head=2)
+    model = tiny_gpt(rope=True, n_kv_head=2, attention="flash")
     cfg = gpt.TrainConfig()
     optimizer = gpt.make_optimizer(model, cfg, "cpu")
     tokenizer = gpt.CharTokenizer("abcdefghijklmnopqrstuvw")
@@ -808,6 +920,10 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     idx = torch.randint(0, 23, (2, 16))
     assert torch.equal(loaded.eval()(idx)[0], model(idx)[0])
     assert not any(k.startswith("_orig_mod") for k in raw["model"])
+    assert raw["model_config"]["attention"] == loaded.cfg.attention == "flash"
+    _, as_math = gpt.load_checkpoint(path, "cpu", attention="math")  # --sample --attention math: same weights
+    assert as_math.cfg.attention == "math"
+    torch.testing.assert_close(as_math.eval()(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
 
 
 def test_char_tokenizer_round_trip_and_unknown_character():
@@ -979,6 +1095,8 @@ def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--tokenizer", "words"], "--tokenizer 'words': choose char or bpe"),
+    (["--attention", "fast"], "--attention 'fast': choose sdpa, math or flash"),
+    (["--bench-mem-gib", "0"], "--bench-mem-gib must be positive"),
     (["--block-size", "many"], "argument --block-size: invalid int value: 'many'"),
 ])
 def test_gpt_bad_flag_values_are_argparse_errors(flags, message, capsys):
