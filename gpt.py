@@ -555,7 +555,7 @@ def train(cfg, model_cfg, given=frozenset()):
     log(f"{len(text):,} characters, {len(train_data):,} train and {len(val_data):,} val tokens, "
         f"vocab {model_cfg.vocab_size}")
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f} M parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
+    log(f"model: {n_params:,} parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
         f"{model_cfg.n_embd} wide, block {model_cfg.block_size}) on {device}")
 
     # 2) optimizer and random state; resuming restores both, so the run continues exactly
