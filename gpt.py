@@ -504,6 +504,17 @@ def batch_generator(seed, step, rank, world_size):
     return torch.Generator().manual_seed((seed + 1_000_003 * (step * world_size + rank)) % 2**32)
 
 
+def exit_before_gloo_threads_can_abort():
+    """End a data-parallel process now, skipping Python's shutdown. DDP keeps the process group alive
+    after destroy_process_group(), so its gloo worker threads still run, and one may be just now
+    freeing the last all-reduce's tensors, which takes the interpreter's lock. During shutdown that
+    ends the thread inside a C++ destructor: std::terminate, SIGABRT, and torchrun fails the run (seen
+    in 1 of ~75 runs on a busy CPU; a core dump shows the thread in ~AsyncAllreduceWork -> take_gil)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def train(cfg, model_cfg, given=frozenset()):
     """Train from scratch, or from <out-dir>/ckpt.pt with --resume; given: the flags on the command line."""
     device = pick_device(cfg.device)
@@ -645,6 +656,8 @@ def train(cfg, model_cfg, given=frozenset()):
         dist.destroy_process_group()
     if master and not stopping and cfg.max_new_tokens > 0:
         print_sample(raw_model, tokenizer, cfg, device)
+    if world_size > 1:
+        exit_before_gloo_threads_can_abort()
     return raw_model
 
 

@@ -483,6 +483,10 @@ def test_bigram_summary_judges_each_table_on_every_pair_of_each_split():
 def test_bigram_split_and_batches_keep_validation_apart_and_shift_the_targets():
     train, val = bigram.split_data(torch.arange(100), 5, "x")
     assert torch.equal(train, torch.arange(90)) and torch.equal(val, torch.arange(90, 100))
+    with pytest.raises(ValueError, match="needs at least 161 characters"):
+        bigram.split_data(torch.arange(160), 16, "x")  # its validation tenth, 16 long, holds no window of 16 + 1
+    _, val = bigram.split_data(torch.arange(161), 16, "x")
+    assert bigram.get_batch(val, 1, 16, "cpu")[1].tolist() == [val[1:].tolist()]  # the shortest text: one window
     torch.manual_seed(0)
     x, y = bigram.get_batch(torch.arange(20) * 3, 200, 16, "cpu")  # 4 possible windows of 16 in 20 values
     assert x.shape == y.shape == (200, 16)
@@ -1125,13 +1129,14 @@ def test_gpt_script_trains_checkpoints_and_samples(tmp_path, monkeypatch, capsys
     text = sample[: sample.rindex("\ngenerated")]
     assert text.startswith("ALL:") and len(text) == len("ALL:") + 30 and set(text) <= set(chars)
     check_generated_line(sample, 30, 2)
-    # greedy: exactly the saved model's own continuation of the prompt
+    # greedy, and the cuts that leave one token: exactly the saved model's own continuation of the prompt
     monkeypatch.chdir(tmp_path)
-    gpt.main(["--sample", "--prompt", "ALL:", "--max-new-tokens", "30", "--temperature", "0"])
     _, model = gpt.load_checkpoint(path, "cpu")
     tokenizer = gpt.CharTokenizer(chars)
-    greedy = model.generate(torch.tensor([tokenizer.encode("ALL:")]), 30, temperature=0)[0].tolist()
-    assert capsys.readouterr().out.startswith(tokenizer.decode(greedy) + "\ngenerated 30 tokens")
+    greedy = tokenizer.decode(model.generate(torch.tensor([tokenizer.encode("ALL:")]), 30, temperature=0)[0].tolist())
+    for option in (["--temperature", "0"], ["--top-k", "1"], ["--top-p", "0.01"], ["--temperature", "0", "--no-kv-cache"]):
+        gpt.main(["--sample", "--prompt", "ALL:", "--max-new-tokens", "30", *option])
+        assert capsys.readouterr().out.startswith(greedy + "\ngenerated 30 tokens"), option
 
 
 def test_gradient_accumulation_equals_one_batch_of_all_the_micro_batches(tmp_path, monkeypatch, capsys):
@@ -1210,13 +1215,22 @@ def test_gpt_stop_and_resume_gives_the_same_losses_as_one_run(tmp_path):
     assert all(torch.equal(one[name], two[name]) for name in one)  # bit for bit the same weights
 
 
-def torchrun_gpt(args, cwd):
-    """gpt.py on two CPU processes; when it fails, everything torchrun and both workers printed."""
+def torchrun_gpt(args, cwd, logs):
+    """gpt.py on two CPU processes. Returns each rank's stdout, which torchrun writes to a file per rank
+    under logs (--redirects): the two processes' lines could otherwise interleave in one pipe. When it
+    fails, the assertion shows everything torchrun and both workers printed."""
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(REPO / "gpt.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, (f"torchrun ended with {result.returncode}\n---- stdout\n{result.stdout}"
-                                    f"\n---- stderr\n{result.stderr}")
-    return result.stdout
+                             "--log-dir", str(logs), "--redirects", "3", str(REPO / "gpt.py"), *args],
+                            cwd=cwd, capture_output=True, text=True, timeout=180)
+    printed = {}
+    for rank in (0, 1):
+        for stream in ("stdout", "stderr"):
+            files = list(Path(logs).glob(f"*/attempt_0/{rank}/{stream}.log"))
+            printed[rank, stream] = files[0].read_text(encoding="utf-8") if files else "(no file)"
+    assert result.returncode == 0, "\n".join(
+        [f"torchrun ended with {result.returncode}", "---- torchrun's stdout", result.stdout, "---- torchrun's stderr",
+         result.stderr] + [f"---- rank {rank}'s {stream}\n{text}" for (rank, stream), text in printed.items()])
+    return printed[0, "stdout"], printed[1, "stdout"]
 
 
 def data_parallel_steps(ckpt_path, text, flags, world_size):
@@ -1249,18 +1263,18 @@ def test_gpt_data_parallel_with_torchrun_on_cpu(tmp_path):
     (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     flags = ["--input", "tiny.txt", *TINY_FLAGS, "--eval-interval", "3", "--log-interval", "3", "--grad-accum", "2",
              "--max-new-tokens", "0", "--out-dir", "ddp"]
-    finished = r"^rank (\d)/2: finished at step {}; last logged loss ([0-9.]+) on this rank's batches, ([0-9.]+) all-reduced$"
-    first = torchrun_gpt([*flags, "--max-iters", "3"], tmp_path)
-    check_gpt_log(first, SHAKESPEARE_BIT, gpt.CharTokenizer("".join(sorted(set(SHAKESPEARE_BIT)))),
+    finished = r"^rank {}/2: finished at step {}; last logged loss ([0-9.]+) on this rank's batches, ([0-9.]+) all-reduced\n$"
+    first = torchrun_gpt([*flags, "--max-iters", "3"], tmp_path, tmp_path / "logs_first")
+    check_gpt_log(first[0], SHAKESPEARE_BIT, gpt.CharTokenizer("".join(sorted(set(SHAKESPEARE_BIT)))),
                   [*flags, "--max-iters", "3"], world_size=2)  # tokens/s counts both ranks
-    assert first.count("step 3: train loss") == 1 and os.listdir(tmp_path / "ddp") == ["ckpt.pt"]  # rank 0 only
+    assert os.listdir(tmp_path / "ddp") == ["ckpt.pt"]
     shutil.copy(tmp_path / "ddp" / "ckpt.pt", tmp_path / "step3.pt")
-    resumed = torchrun_gpt([*flags, "--max-iters", "6", "--resume"], tmp_path)
-    assert resumed.count("step 6: train loss") == 1
-    for out, step in ((first, 3), (resumed, 6)):
-        ranks = sorted(re.findall(finished.format(step), out, re.M))
-        assert [rank for rank, _, _ in ranks] == ["0", "1"]
-        (_, local_0, reduced_0), (_, local_1, reduced_1) = ranks
+    resumed = torchrun_gpt([*flags, "--max-iters", "6", "--resume"], tmp_path, tmp_path / "logs_resumed")
+    assert "step 6: train loss" in resumed[0]
+    for (out_0, out_1), step in ((first, 3), (resumed, 6)):
+        # rank 1 prints one line only: rank 0 alone logs, evaluates and saves
+        (local_0, reduced_0), = re.findall(finished.format(0, step), out_0, re.M)
+        (local_1, reduced_1), = re.findall(finished.format(1, step), out_1)
         assert local_0 != local_1  # each rank drew its own batches
         assert reduced_0 == reduced_1  # and the all-reduce made them agree
         assert abs(float(reduced_0) - (float(local_0) + float(local_1)) / 2) < 2e-6
@@ -1322,6 +1336,18 @@ def test_gpt_resume_keeps_the_runs_settings_unless_given_again(tmp_path, monkeyp
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["train_config"]["learning_rate"] == 1e-4
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+
+
+def test_checkpoint_keeps_the_best_val_loss_of_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    common = ["--input", "tiny.txt", *TINY_FLAGS, "--eval-interval", "5", "--max-new-tokens", "0"]
+    gpt.main([*common, "--max-iters", "10"])
+    gpt.main([*common, "--max-iters", "15", "--resume", "--learning-rate", "1.0", "--min-lr-ratio", "1"])  # wrecks it
+    val_losses = [float(v) for v in re.findall(r"val loss ([\d.]+)", capsys.readouterr().out)]
+    assert len(val_losses) == 4 and val_losses[-1] > min(val_losses)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert close_to_printed(min(val_losses), ckpt["best_val_loss"], 4)
 
 
 def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
