@@ -379,8 +379,17 @@ def test_bpe_stops_early_and_shows_progress(capsys):
     assert tok.merges == {} and tok.special_tokens == {"<|endoftext|>": 256}
     assert "training stopped early at vocab size 256 of 300" in capsys.readouterr().out
     tok.train(SHAKESPEARE[:5000], 276, verbose=True)
-    out = capsys.readouterr().out
-    assert "merge     2/20:" in out and "merge    20/20:" in out
+    shown = re.findall(r"^merge +(\d+)/20: (.*) \(count (\d+)\)$", capsys.readouterr().out, re.M)
+    assert [int(done) for done, _, _ in shown] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    # each shown count: how often the pair occurs once the merges before it are made, counted here
+    chunks = [list(chunk.encode("utf-8")) for chunk in tok.split(SHAKESPEARE[:5000])]
+    counts = []
+    for pair, new_id in tok.merges.items():
+        counts.append(sum(a == pair[0] and b == pair[1] for ids in chunks for a, b in zip(ids, ids[1:])))
+        chunks = [bpe.merge(ids, pair, new_id) for ids in chunks]
+    new_ids = list(tok.merges.values())
+    assert [(name, int(count)) for _, name, count in shown] == \
+        [(bpe.show(tok.vocab[new_ids[i]]), counts[i]) for i in range(1, 20, 2)]
 
 
 def test_bpe_script(tmp_path, capsys):
@@ -618,7 +627,8 @@ def test_bigram_script_runs_end_to_end(bigram_runs):
         assert lr == f"{0.3 * (1 - (int(step) - 1) / 20):.2e}"  # the rate of the step just taken, decaying to 0
         ms, mtok = float(ms), float(mtok)
         assert 64 * 32 / (ms + 0.005) / 1000 - 0.05 <= mtok <= 64 * 32 / max(ms - 0.005, 1e-9) / 1000 + 0.05
-        assert all(bits_match_nats(bits, nats) for nats, bits in zip(losses[::2], losses[1::2]))
+    evaluations = re.findall(r"\| (?:train|val) ([\d.]+) nats ([\d.]+) bits/char", out)
+    assert len(evaluations) == 6 and all(bits_match_nats(bits, nats) for nats, bits in evaluations)  # steps 0, 10, 20
     seconds = float(re.search(r"^trained 20 steps in ([\d.]+) s$", out, re.M).group(1))
     assert abs(seconds - sum(10 * float(s[3]) / 1000 for s in steps)) <= 0.005 + 20 * 0.005 / 1000
     # 2) the summary: the count optimum counted again here; the learned table cannot beat the raw counts
@@ -1095,10 +1105,11 @@ def evaluate_checkpoint(path, text, flags):
     return losses
 
 
-def check_generated_line(out, n_tokens, cache_kib):
-    """'generated N tokens in S s: R tokens/s, KV cache K KiB': R is N / S, up to the rounding of S."""
-    seconds, rate = re.search(rf"^generated {n_tokens} tokens in ([\d.]+) s: (\d+) tokens/s, KV cache {cache_kib} KiB",
-                              out, re.M).groups()
+def check_generated_line(out, n_tokens, cache_kib, heads="2 of 2"):
+    """'generated N tokens in S s: R tokens/s, KV cache K KiB (h of H heads keep K/V)': R is N / S, up to
+    the rounding of S."""
+    seconds, rate = re.search(rf"^generated {n_tokens} tokens in ([\d.]+) s: (\d+) tokens/s, KV cache {cache_kib} KiB "
+                              rf"\({heads} heads keep K/V\)$", out, re.M).groups()
     seconds, rate = float(seconds), int(rate)
     assert n_tokens / (seconds + 0.005) - 0.5 <= rate <= n_tokens / max(seconds - 0.005, 1e-9) + 0.5
 
@@ -1356,12 +1367,13 @@ def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     flags = [*TINY_FLAGS, "--max-iters", "2", "--eval-interval", "2", "--log-interval", "1", "--max-new-tokens", "5"]
     one_line = "to be or not to be " * 100
     (tmp_path / "one_line.txt").write_text(one_line, encoding="utf-8")
-    gpt.main(["--input", "one_line.txt", *flags])
+    one_line_flags = ["--input", "one_line.txt", "--n-kv-head", "1", *flags]  # and multi-query attention
+    gpt.main(one_line_flags)
     out = capsys.readouterr().out
-    check_gpt_log(out, one_line, gpt.CharTokenizer(" benort"), ["--input", "one_line.txt", *flags])
+    check_gpt_log(out, one_line, gpt.CharTokenizer(" benort"), one_line_flags)
     sample = out.splitlines()[-2]  # "\n" is not in this text: the sample starts from its first character, " "
     assert len(sample) == 6 and sample[0] == " " and set(sample) <= set(one_line)
-    check_generated_line(out, 5, 2)
+    check_generated_line(out, 5, 1, heads="1 of 2")  # half the cache of 2 key/value heads
 
     docs = (SHAKESPEARE_BIT[:300] + "<|endoftext|>") * 10
     (tmp_path / "docs.txt").write_text(docs, encoding="utf-8")
