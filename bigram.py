@@ -208,6 +208,17 @@ def nll(log_probs, counts):
     return -terms.sum().item() / counts.sum().item()
 
 
+def compare_with_counts(table, train_data, val_data):
+    """{name: (train NLL, val NLL)} in nats for the learned table and the count optimum, each judged
+    on every pair of each split, from its pair counts: exact, no sampling."""
+    V = table.size(0)
+    train_counts, val_counts = pair_counts(train_data, V), pair_counts(val_data, V)
+    learned = table.detach().cpu().log_softmax(dim=1)  # (V, V): row a is P(next | a)
+    counted = count_log_probs(train_counts)  # (V, V)
+    return {name: (nll(log_probs, train_counts), nll(log_probs, val_counts))
+            for name, log_probs in (("trained table", learned), (f"count optimum (alpha {ALPHA})", counted))}
+
+
 # ---- training ----
 def train(model, train_data, val_data, cfg, device):
     """AdamW, lr decaying linearly to 0; logs every cfg.eval_interval steps; returns the training seconds."""
@@ -267,16 +278,12 @@ def main(argv=None):
     seconds = train(model, train_data, val_data, cfg, device)
     print(f"trained {cfg.max_iters} steps in {seconds:.2f} s")
 
-    # Both tables judged on every pair of each split, from its pair counts: exact, no sampling.
-    train_counts, val_counts = pair_counts(train_data, len(chars)), pair_counts(val_data, len(chars))
-    learned = model.token_embedding_table.weight.detach().cpu().log_softmax(dim=1)  # (V, V)
-    counted = count_log_probs(train_counts)  # (V, V)
+    results = compare_with_counts(model.token_embedding_table.weight, train_data, val_data)
     print(f"{'NLL of every pair':<28}{'train':<26}val")
-    for name, log_probs in (("trained table", learned), (f"count optimum (alpha {ALPHA})", counted)):
-        t, v = nll(log_probs, train_counts), nll(log_probs, val_counts)
+    for name, (t, v) in results.items():
         print(f"{name:<28}{t:.4f} nats {t / NATS_PER_BIT:.3f} bits    {v:.4f} nats {v / NATS_PER_BIT:.3f} bits")
-    gap = nll(learned, val_counts) - nll(counted, val_counts)
-    print(f"gradient descent ends {gap:+.4f} nats from the count optimum on validation")
+    (_, learned_val), (_, counted_val) = results.values()
+    print(f"gradient descent ends {learned_val - counted_val:+.4f} nats from the count optimum on validation")
 
     print(f"---- {cfg.max_new_tokens} characters sampled from the trained table ----")
     model.eval()

@@ -756,11 +756,25 @@ def batch_generator(seed, step, rank, world_size):
     return torch.Generator().manual_seed((seed + 1_000_003 * (step * world_size + rank)) % 2**32)
 
 
+def exit_before_gloo_threads_can_abort():
+    """End a data-parallel process now, skipping Python's shutdown. DDP keeps the process group alive
+    after destroy_process_group(), so its gloo worker threads still run, and one may be just now
+    freeing the last all-reduce's tensors, which takes the interpreter's lock. During shutdown that
+    ends the thread inside a C++ destructor: std::terminate, SIGABRT, and torchrun fails the run (seen
+    in 1 of ~75 runs on a busy CPU; a core dump shows the thread in ~AsyncAllreduceWork -> take_gil)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def train(cfg, model_cfg, given=frozenset()):
     """Train from scratch, or from <out-dir>/ckpt.pt with --resume; given: the flags on the command line.
     The out-dir is claimed before any work, and released at the end however the run ends."""
     with claim_out_dir(cfg):
-        return _train(cfg, model_cfg, given)
+        model = _train(cfg, model_cfg, given)
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        exit_before_gloo_threads_can_abort()  # after the out-dir's lock is released
+    return model
 
 
 def _train(cfg, model_cfg, given):
@@ -811,7 +825,7 @@ def _train(cfg, model_cfg, given):
     log(f"{len(text):,} characters, {len(train_data):,} train and {len(val_data):,} val tokens, "
         f"vocab {model_cfg.vocab_size}")
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f} M parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
+    log(f"model: {n_params:,} parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
         f"{model_cfg.n_embd} wide, block {model_cfg.block_size}) on {device}")
 
     # 2) optimizer and random state; resuming restores both, so the run continues exactly

@@ -2,17 +2,20 @@
 
 Hermetic: no network, nothing written into the repository (files go to pytest's tmp_path).
 """
+import dataclasses
 import json
 import math
 import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import types
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ import bigram
 import gpt
 import tokenizer_bpe as bpe
 import torch
+import torch.nn.functional as F
 
 # Tiny models gain nothing from threads, and two busy processes on few cores crawl when each spins up
 # a thread per core: one thread each, here and in the scripts the tests start.
@@ -196,6 +200,40 @@ def test_bpe_special_tokens(shakespeare_512):
         two.encode("x<|a|>", allowed_special={"<|a|><|b|>"})
 
 
+@pytest.mark.parametrize("pattern", ["gpt2", None, r"\s+|\S"])
+def test_bpe_save_load_keeps_the_split_pattern(pattern, tmp_path):
+    tok = bpe.BPETokenizer(pattern=pattern)
+    tok.train(SHAKESPEARE[:5000], 300)
+    tok.save(str(tmp_path / "t.json"))
+    loaded = bpe.BPETokenizer.load(str(tmp_path / "t.json"))
+    assert loaded.pattern == tok.pattern and loaded.merges == tok.merges
+    assert loaded.encode(SHAKESPEARE[5000:8000]) == tok.encode(SHAKESPEARE[5000:8000])
+
+
+def test_bpe_splits_every_newer_letter_and_digit_like_tiktoken():
+    """Every code point that `regex` calls a letter or digit but this Python's older Unicode tables do
+    not know (about 27,000 on Python 3.11: Unicode 15 to 18) is cut, after a letter and after a digit,
+    as tiktoken cuts it: tiktoken knows Unicode 16, so the newer ones must be masked and the rest not.
+    Found here without NEWER_THAN_UNICODE_16: tiktoken itself, with a vocabulary of every prefix of
+    the pieces, merges a piece into one token exactly when its regex leaves it one chunk."""
+    import unicodedata
+    letter_or_digit = regex.compile(r"[\p{L}\p{N}]")
+    newer = [chr(c) for c in range(0x80, 0x40000) if unicodedata.category(chr(c)) == "Cn" and letter_or_digit.match(chr(c))]
+    assert len(newer) > 5000
+    pieces = [before + c for c in newer for before in "a1"]
+    ranks = {bytes([b]): b for b in range(256)}
+    for piece in pieces:
+        raw = piece.encode("utf-8")
+        for end in range(2, len(raw) + 1):
+            ranks.setdefault(raw[:end], len(ranks))
+    for pattern in ("gpt4", "gpt2"):
+        tok = bpe.BPETokenizer(pattern=pattern)
+        enc = tiktoken.Encoding("prefixes", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens={})
+        one_chunk = [len(enc.encode_ordinary(piece)) == 1 for piece in pieces]
+        assert 0 < sum(one_chunk) < len(pieces)  # some known to tiktoken, some not
+        assert [len(tok.split(piece)) == 1 for piece in pieces] == one_chunk
+
+
 def test_bpe_save_load(shakespeare_512, tmp_path):
     path = tmp_path / "new_dir" / "bpe.json"
     shakespeare_512.save(str(path))
@@ -343,20 +381,43 @@ def test_bpe_stops_early_and_shows_progress(capsys):
     assert tok.merges == {} and tok.special_tokens == {"<|endoftext|>": 256}
     assert "training stopped early at vocab size 256 of 300" in capsys.readouterr().out
     tok.train(SHAKESPEARE[:5000], 276, verbose=True)
-    out = capsys.readouterr().out
-    assert "merge     2/20:" in out and "merge    20/20:" in out
+    shown = re.findall(r"^merge +(\d+)/20: (.*) \(count (\d+)\)$", capsys.readouterr().out, re.M)
+    assert [int(done) for done, _, _ in shown] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    # each shown count: how often the pair occurs once the merges before it are made, counted here
+    chunks = [list(chunk.encode("utf-8")) for chunk in tok.split(SHAKESPEARE[:5000])]
+    counts = []
+    for pair, new_id in tok.merges.items():
+        counts.append(sum(a == pair[0] and b == pair[1] for ids in chunks for a, b in zip(ids, ids[1:])))
+        chunks = [bpe.merge(ids, pair, new_id) for ids in chunks]
+    new_ids = list(tok.merges.values())
+    assert [(name, int(count)) for _, name, count in shown] == \
+        [(bpe.show(tok.vocab[new_ids[i]]), counts[i]) for i in range(1, 20, 2)]
 
 
 def test_bpe_script(tmp_path, capsys):
+    """Every number the script prints, against the same number found another way."""
     small = tmp_path / "small.txt"
-    small.write_text(SHAKESPEARE[:30000], encoding="utf-8")
+    text = SHAKESPEARE[:27000] + "Grüße aus Köln, ça va? " * 130  # the held-out tenth is not ASCII
+    small.write_text(text, encoding="utf-8")
     out = tmp_path / "out" / "tok.json"
     bpe.main(["--input", str(small), "--vocab-size", "300", "--out", str(out)])
     printed = capsys.readouterr().out
-    for line in ["train: ", "first merges: 'th', ' th'", "bytes per token", "same ids: True",
-                 "decode(encode(text)) == text: True", f"saved {out}"]:
+    cut = int(len(text) * 0.9)
+    expected = bpe.BPETokenizer()
+    expected.train(text[:cut], 300)  # the first 90 % only
+    saved = bpe.BPETokenizer.load(str(out))
+    assert saved.merges == expected.merges and len(saved.merges) == 44
+    names = [bpe.show(saved.vocab[i]) for i in saved.merges.values()]
+    held_out = text[cut:]
+    ratio = len(held_out.encode("utf-8")) / len(saved.encode(held_out))
+    assert ratio > 1.1 * len(held_out) / len(saved.encode(held_out))  # bytes, not characters
+    for line in [f"training on the first {cut:,} characters of {small}: pattern gpt4, vocab size 300",
+                 "first merges: 'th', ' th'", "first merges: " + ", ".join(names[:10]), "last merges:  " + ", ".join(names[-10:]),
+                 f"held-out last 10 %: {ratio:.3f} bytes per token",
+                 f"encode all {len(text.encode('utf-8')):,} bytes to {len(saved.encode(text)):,} tokens: pure Python",
+                 "same ids: True", "decode(encode(text)) == text: True", f"saved {out}"]:
         assert line in printed
-    assert len(bpe.BPETokenizer.load(str(out)).merges) == 44
+    assert re.search(r"^train: [\d.]+ s for 44 merges$", printed, re.M)
     small.write_bytes(b"\xff\xfe not utf-8")
     with pytest.raises(SystemExit, match="error: .* is not UTF-8 text"):
         bpe.main(["--input", str(small), "--out", str(out)])
@@ -490,6 +551,54 @@ def test_bigram_count_nll_equals_hand_computed_value():
     assert bigram.nll(bigram.count_log_probs(counts, alpha=a), unseen) == pytest.approx(-math.log(0.1 / 1.2))
 
 
+def count_optimum_nll(train, data, vocab_size, alpha):
+    """NLL of every pair of data under P(b | a) = (n(a, b) + alpha) / (n(a) + alpha V), n counted
+    from train in plain Python: a second way to the count optimum."""
+    pairs, firsts = Counter(zip(train[:-1], train[1:])), Counter(train[:-1])
+    total = sum(-math.log((pairs[a, b] + alpha) / (firsts[a] + alpha * vocab_size)) for a, b in zip(data[:-1], data[1:]))
+    return total / (len(data) - 1)
+
+
+def test_bigram_summary_judges_each_table_on_every_pair_of_each_split():
+    text = markov_text(2000, seed=1)
+    chars = sorted(set(text))
+    train, val = bigram.split_data(torch.tensor(bigram.encode(text, chars)), 8, "markov")
+    torch.manual_seed(0)
+    table = torch.randn(len(chars), len(chars))  # any table: row a holds the logits of what follows a
+    results = bigram.compare_with_counts(table, train, val)
+    every_pair = lambda data: F.cross_entropy(table[data[:-1]], data[1:]).item()  # noqa: E731
+    assert results["trained table"] == pytest.approx((every_pair(train), every_pair(val)), rel=1e-5)
+    counted = [count_optimum_nll(train.tolist(), d.tolist(), len(chars), bigram.ALPHA) for d in (train, val)]
+    assert results[f"count optimum (alpha {bigram.ALPHA})"] == pytest.approx(counted, rel=1e-5)
+
+
+def test_bigram_split_and_batches_keep_validation_apart_and_shift_the_targets():
+    train, val = bigram.split_data(torch.arange(100), 5, "x")
+    assert torch.equal(train, torch.arange(90)) and torch.equal(val, torch.arange(90, 100))
+    with pytest.raises(ValueError, match="needs at least 161 characters"):
+        bigram.split_data(torch.arange(160), 16, "x")  # its validation tenth, 16 long, holds no window of 16 + 1
+    _, val = bigram.split_data(torch.arange(161), 16, "x")
+    assert bigram.get_batch(val, 1, 16, "cpu")[1].tolist() == [val[1:].tolist()]  # the shortest text: one window
+    torch.manual_seed(0)
+    x, y = bigram.get_batch(torch.arange(20) * 3, 200, 16, "cpu")  # 4 possible windows of 16 in 20 values
+    assert x.shape == y.shape == (200, 16)
+    assert torch.equal(y, x + 3)  # the target of each position is the next value
+    assert torch.equal(x[:, 1:], x[:, :-1] + 3)  # a window is a contiguous run
+    assert set(x[:, 0].tolist()) == {0, 3, 6, 9}  # every start, up to the last full window
+
+
+def test_bigram_seed_makes_a_run_repeatable(tmp_path, capsys):
+    (tmp_path / "m.txt").write_text(markov_text(3000), encoding="utf-8")
+    flags = ["--input", str(tmp_path / "m.txt"), "--max-iters", "5", "--eval-interval", "5", "--eval-iters", "1",
+             "--batch-size", "8", "--block-size", "8", "--max-new-tokens", "60", "--device", "cpu"]
+    results = []
+    for seed in ("1", "1", "2"):
+        bigram.main([*flags, "--seed", seed])
+        out = capsys.readouterr().out
+        results.append(out[out.index("NLL of every pair"):])  # the summary and the sample: no timings
+    assert results[0] == results[1] != results[2]
+
+
 def test_bigram_nll_from_counts_equals_cross_entropy_over_every_pair():
     torch.manual_seed(0)
     data = torch.randint(7, (500,))
@@ -562,7 +671,7 @@ def bigram_runs(tmp_path_factory):
     small = tmp / "small.txt"
     small.write_text(markov_text(3000), encoding="utf-8")
     args = {"end to end": ["--input", str(small), "--max-iters", "20", "--eval-interval", "10",
-                           "--eval-iters", "2", "--batch-size", "8", "--block-size", "8",
+                           "--eval-iters", "2", "--batch-size", "64", "--block-size", "32",
                            "--max-new-tokens", "80", "--device", "cpu"]}
     for name, (content, flags, _) in BIGRAM_BAD_INPUTS.items():
         path = tmp / (name.replace(" ", "_") + ".txt")
@@ -574,14 +683,53 @@ def bigram_runs(tmp_path_factory):
     return {name: (p, *p.communicate(timeout=120)) for name, p in procs.items()}
 
 
+def close_to_printed(printed, value, decimals):
+    """printed, a number rounded to `decimals` places, is value (up to float noise)."""
+    return abs(printed - value) <= 0.5 * 10 ** -decimals + 1e-6
+
+
+def bits_match_nats(bits, nats, tokens_per_unit=1.0):
+    """A loss printed in nats per token (4 decimals) and in bits per unit (3 decimals) agree:
+    bits = nats x tokens per unit / ln 2, up to the rounding of both."""
+    scale = tokens_per_unit / math.log(2)
+    return abs(float(bits) - float(nats) * scale) <= 0.5e-3 + 0.5e-4 * scale + 1e-6
+
+
 def test_bigram_script_runs_end_to_end(bigram_runs):
+    """Every number the script prints, checked against the same number found another way."""
     proc, out, err = bigram_runs["end to end"]
     assert proc.returncode == 0, err
-    assert re.search(r"step    20 \| loss [\d.]+ .*\| train [\d.]+ nats [\d.]+ bits/char \| val [\d.]+ nats", out)
-    assert re.search(r"trained table +[\d.]+ nats", out)
-    assert re.search(r"count optimum \(alpha [\d.]+\) +[\d.]+ nats", out)
-    assert "nats from the count optimum on validation" in out
-    assert "---- 80 characters sampled from the trained table ----" in out
+    text = markov_text(3000)
+    chars = sorted(set(text))
+    assert f": 3,000 characters, vocabulary {len(chars)}, train 2,700 / val 300, device cpu" in out
+    # 1) the log: steps, learning rate, speed, and each loss in nats and in bits
+    steps = re.findall(r"^step +(\d+) \| loss ([\d.]+) \| lr ([\d.e+-]+) \| +([\d.]+) ms/step \| +([\d.]+)M tok/s "
+                       r"\| train ([\d.]+) nats ([\d.]+) bits/char \| val ([\d.]+) nats ([\d.]+) bits/char$", out, re.M)
+    assert [int(s[0]) for s in steps] == [10, 20] and re.search(r"^step +0 \| train [\d.]+ nats", out, re.M)
+    for step, _, lr, ms, mtok, *losses in steps:
+        assert lr == f"{0.3 * (1 - (int(step) - 1) / 20):.2e}"  # the rate of the step just taken, decaying to 0
+        ms, mtok = float(ms), float(mtok)
+        assert 64 * 32 / (ms + 0.005) / 1000 - 0.05 <= mtok <= 64 * 32 / max(ms - 0.005, 1e-9) / 1000 + 0.05
+    evaluations = re.findall(r"\| (?:train|val) ([\d.]+) nats ([\d.]+) bits/char", out)
+    assert len(evaluations) == 6 and all(bits_match_nats(bits, nats) for nats, bits in evaluations)  # steps 0, 10, 20
+    seconds = float(re.search(r"^trained 20 steps in ([\d.]+) s$", out, re.M).group(1))
+    assert abs(seconds - sum(10 * float(s[3]) / 1000 for s in steps)) <= 0.005 + 20 * 0.005 / 1000
+    # 2) the summary: the count optimum counted again here; the learned table cannot beat the raw counts
+    rows = {name: [float(v) for v in values] for name, *values in re.findall(
+        r"^(trained table|count optimum \(alpha 0.1\)) +([\d.]+) nats ([\d.]+) bits +([\d.]+) nats ([\d.]+) bits$", out, re.M)}
+    ids = bigram.encode(text, chars)
+    train, val = ids[:2700], ids[2700:]
+    for name, (t, t_bits, v, v_bits) in rows.items():
+        assert bits_match_nats(t_bits, t) and bits_match_nats(v_bits, v)
+    optimum = rows["count optimum (alpha 0.1)"]
+    assert close_to_printed(optimum[0], count_optimum_nll(train, train, len(chars), 0.1), 4)
+    assert close_to_printed(optimum[2], count_optimum_nll(train, val, len(chars), 0.1), 4)
+    assert rows["trained table"][0] >= count_optimum_nll(train, train, len(chars), 0.0) - 1e-4  # maximum likelihood
+    gap = float(re.search(r"^gradient descent ends ([+-][\d.]+) nats from the count optimum on validation$", out, re.M).group(1))
+    assert abs(gap - (rows["trained table"][2] - optimum[2])) <= 1.5e-4
+    # 3) the sample: 80 characters of the text's vocabulary
+    sample = out.split("---- 80 characters sampled from the trained table ----\n")[1]
+    assert len(sample) == 81 and sample.endswith("\n") and set(sample) <= set(chars)
     assert "Traceback" not in err
 
 
@@ -632,13 +780,27 @@ def test_gpt_is_causal(variant):
     assert not torch.allclose(logits[:, 9:], logits_changed[:, 9:])
 
 
-def explicit_attention(attn, x):
-    """The textbook formula, written out: softmax(q k^T / sqrt(d) + causal mask) v, k/v heads repeated."""
+def rotate_by_hand(x, positions, base=10000.0):
+    """RoPE as complex numbers: the pair (x[i], x[i + hd/2]) is x[i] + j x[i + hd/2], turned by the
+    angle position * base^(-2i/hd). x (..., T, hd), positions (T,)."""
+    half = x.size(-1) // 2
+    freq = base ** (-2 * torch.arange(half, dtype=torch.float64) / x.size(-1))  # (hd/2,)
+    turn = torch.polar(torch.ones(len(positions), half, dtype=torch.float64), positions[:, None].double() * freq)
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * turn  # (..., T, hd/2)
+    return torch.cat([z.real, z.imag], dim=-1).float()
+
+
+def explicit_attention(attn, x, positions=None):
+    """The textbook formula, written out: softmax(q k^T / sqrt(d) + causal mask) v, k/v heads repeated;
+    with positions, queries and keys rotated (RoPE) first."""
     B, T, C = x.shape
     hd, nh, nkv = attn.head_dim, attn.n_head, attn.n_kv_head
     q, k, v = attn.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
     q = q.view(B, T, nh, hd).transpose(1, 2)
-    k = k.view(B, T, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+    k = k.view(B, T, nkv, hd).transpose(1, 2)
+    if positions is not None:
+        q, k = rotate_by_hand(q, positions), rotate_by_hand(k, positions)
+    k = k.repeat_interleave(nh // nkv, dim=1)
     v = v.view(B, T, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(hd)  # (B, nh, T, T)
     future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
@@ -652,6 +814,91 @@ def test_sdpa_attention_equals_explicit_masked_softmax(n_kv_head):
     attn = model.blocks[0].attn
     x = torch.randn(3, 16, 32)
     torch.testing.assert_close(attn(x), explicit_attention(attn, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 1])
+def test_rope_attention_equals_hand_rotated_reference_and_sees_only_distances(n_kv_head):
+    model = lively_gpt(rope=True, n_kv_head=n_kv_head)  # large weights: sharp attention, so positions matter
+    attn, cos, sin = model.blocks[0].attn, model.rope_cos, model.rope_sin
+    x = torch.randn(3, 8, 32)
+    for start in (0, 5, 8):  # positions start..start+7, as the model passes them after a KV cache
+        rope = cos[start:start + 8], sin[start:start + 8]
+        torch.testing.assert_close(attn(x, rope), explicit_attention(attn, x, torch.arange(start, start + 8)),
+                                   atol=1e-3, rtol=1e-4)
+        # scores depend on the distance between query and key only: moving the whole window changes nothing
+        torch.testing.assert_close(attn(x, rope), attn(x, (cos[:8], sin[:8])), atol=1e-3, rtol=1e-4)
+    assert not torch.allclose(attn(x, (cos[:8], sin[:8])), attn(x), atol=0.1)  # and the rotation does something
+
+
+def reference_forward(model, idx):
+    """GPT-2's forward pass written out with the model's weights: embeddings, per block x + attn(ln_1(x))
+    and x + proj(gelu(fc(ln_2(x)))), a final LayerNorm, and the token table (tied) reading out the logits."""
+    cfg, T = model.cfg, idx.size(1)
+    norm = lambda ln, x: F.layer_norm(x, (cfg.n_embd,), ln.weight, ln.bias)  # noqa: E731
+    gelu = lambda u: 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))  # noqa: E731
+    x = model.wte.weight[idx] + (0 if cfg.rope else model.wpe.weight[:T])  # (B, T, C)
+    for block in model.blocks:
+        x = x + explicit_attention(block.attn, norm(block.ln_1, x), torch.arange(T) if cfg.rope else None)
+        x = x + block.mlp.proj(gelu(block.mlp.fc(norm(block.ln_2, x))))
+    return norm(model.ln_f, x) @ model.wte.weight.T  # (B, T, V)
+
+
+@pytest.mark.parametrize("variant", [{}, {"rope": True, "n_kv_head": 2}, {"bias": False}])
+def test_gpt_forward_equals_the_formula_written_out(variant):
+    model = tiny_gpt(**variant)
+    with torch.no_grad():  # away from the init, where every LayerNorm is the same
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    idx = torch.randint(0, 23, (2, 16))
+    targets = torch.randint(0, 23, (2, 16))
+    logits, loss = model(idx, targets)
+    expected = reference_forward(model, idx)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, F.cross_entropy(expected.flatten(0, 1), targets.flatten()), atol=1e-5, rtol=1e-5)
+
+
+def gpt_parameter_count(cfg):
+    """Counted by hand: the token table once (the output layer shares it), a position table unless RoPE,
+    per block two LayerNorms, qkv, the attention projection and the MLP; then the final LayerNorm."""
+    C, b = cfg.n_embd, int(cfg.bias)
+    qkv = (cfg.n_head + 2 * cfg.kv_heads()) * (C // cfg.n_head)  # output width of the qkv layer
+    block = 2 * (C + b * C) + (C * qkv + b * qkv) + (C * C + b * C) + (C * 4 * C + b * 4 * C) + (4 * C * C + b * C)
+    return cfg.vocab_size * C + (0 if cfg.rope else cfg.block_size * C) + cfg.n_layer * block + (C + b * C)
+
+
+@pytest.mark.parametrize("variant", [{}, {"rope": True, "n_kv_head": 2}, {"bias": False, "n_kv_head": 1}])
+def test_gpt_parameter_count_and_init(variant):
+    model = tiny_gpt(n_layer=8, n_embd=64, **variant)
+    assert sum(p.numel() for p in model.parameters()) == gpt_parameter_count(model.cfg)
+    # GPT-2's init: N(0, 0.02), the layers writing into the residual stream 0.02 / sqrt(2 n_layer)
+    # (here 0.005), biases 0, LayerNorm gains 1
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.all(p == 0), name
+        elif ".ln_" in name or name.startswith("ln_f"):
+            assert torch.all(p == 1), name
+        else:
+            std = 0.02 / 4 if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else 0.02
+            assert abs(p.std().item() / std - 1) < 0.1 and abs(p.mean().item()) < std / 5, (name, p.std().item())
+
+
+def test_weight_decay_shrinks_the_matrices_only():
+    model = tiny_gpt()
+    cfg = gpt.TrainConfig(learning_rate=0.5, weight_decay=0.1, beta2=0.95)
+    optimizer = gpt.make_optimizer(model, cfg, "cpu")
+    optimized = [p for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(map(id, optimized)) == sorted(map(id, model.parameters()))  # each once, the tied table too
+    assert all(group["betas"] == (0.9, 0.95) for group in optimizer.param_groups)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: AdamW only applies its decoupled decay, p -= lr * wd * p
+    optimizer.step()
+    matrices = ("wte.weight", "wpe.weight", "qkv.weight", "proj.weight", "fc.weight")
+    for name, p in model.named_parameters():
+        if name.endswith(matrices):
+            torch.testing.assert_close(p.detach(), before[name] * (1 - 0.5 * 0.1), msg=name)
+        else:  # biases and LayerNorm gains
+            assert torch.equal(p, before[name]), name
 
 
 def test_gqa_equals_multi_head_attention_with_shared_kv_weights():
@@ -881,10 +1128,12 @@ def test_generation_with_the_smallest_context():
     assert torch.equal(model.generate(prompt, 8, temperature=0), model.generate(prompt, 8, temperature=0, use_cache=False))
 
 
-def test_generation_restores_training_mode():
-    model = tiny_gpt(dropout=0.5).train()
-    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0)
-    assert model.training and out.shape == (1, 6)
+def test_generation_runs_without_dropout_and_restores_training_mode():
+    model = lively_gpt(dropout=0.5).train()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    out = model.generate(prompt, 15, temperature=0)
+    assert model.training and out.shape == (1, 16)
+    assert torch.equal(out, model.eval().generate(prompt, 15, temperature=0))  # as if in eval mode
 
 
 def test_sampling_temperature_top_k_top_p():
@@ -926,6 +1175,93 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     torch.testing.assert_close(as_math.eval()(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
 
 
+def test_sampling_applies_the_temperature_before_top_k_and_top_p():
+    """At temperature t the probabilities are p^(1/t), renormalised; top-k and top-p then cut that
+    distribution. At t = 2: sqrt(p) / sum = 0.379, 0.294, 0.208, 0.120, so the nucleus 0.7 needs three
+    tokens (0.379 + 0.294 = 0.673 < 0.7), where at t = 1 two reach it (0.5 + 0.3); at t = 0.5, p^2 / sum =
+    0.685, 0.247, 0.062, 0.007: the nucleus 0.6 is the first token alone, where at t = 1 it takes two."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    many = p.log().expand(20000, 4)
+    gen = torch.Generator().manual_seed(0)
+
+    def shares(temperature, **cut):
+        ids = gpt.sample_next_token(many, temperature, generator=gen, **cut)
+        return torch.bincount(ids.flatten(), minlength=4).float() / len(ids)
+
+    def expected(temperature, keep):
+        q = p ** (1 / temperature)
+        q[keep:] = 0
+        return q / q.sum()
+
+    for temperature in (2.0, 0.5):  # 20,000 draws: a share is within 0.0035 (1 sigma) of its probability
+        torch.testing.assert_close(shares(temperature), expected(temperature, 4), atol=0.015, rtol=0)
+        torch.testing.assert_close(shares(temperature, top_k=2), expected(temperature, 2), atol=0.015, rtol=0)
+    torch.testing.assert_close(shares(2.0, top_p=0.7), expected(2.0, 3), atol=0.015, rtol=0)
+    assert shares(0.5, top_p=0.6).tolist() == [1, 0, 0, 0]
+
+
+def test_checkpoint_round_trip_restores_model_optimizer_tokenizer_and_configs(tmp_path):
+    model = tiny_gpt(rope=True, n_kv_head=2, bias=False).train()
+    cfg = gpt.TrainConfig(learning_rate=2e-3, beta2=0.95, weight_decay=0.2, batch_size=2, seed=5)
+    optimizer = gpt.make_optimizer(model, cfg, "cpu")
+    x, y = torch.randint(0, 23, (2, 16)), torch.randint(0, 23, (2, 16))
+
+    def step(m, opt):
+        opt.zero_grad()
+        m(x, y)[1].backward()
+        opt.step()
+
+    for _ in range(3):  # so the optimizer has moments to save
+        step(model, optimizer)
+    bpe_tokenizer = bpe.BPETokenizer(pattern="gpt2")
+    bpe_tokenizer.train(SHAKESPEARE_BIT, 270)
+    for i, tokenizer in enumerate([gpt.CharTokenizer("abcdefghijklmnopqrstuvw"), bpe_tokenizer]):
+        path = str(tmp_path / f"ckpt{i}.pt")
+        gpt.save_checkpoint(path, model, optimizer, model.cfg, cfg, 7, 1.5, tokenizer)
+        raw = torch.load(path, weights_only=True)  # plain tensors and dicts: no pickle of our classes
+        assert not any(k.startswith("_orig_mod") for k in raw["model"])
+        ckpt, loaded = gpt.load_checkpoint(path, "cpu")
+        assert (ckpt["step"], ckpt["best_val_loss"]) == (7, 1.5)
+        assert loaded.cfg == model.cfg and gpt.TrainConfig(**ckpt["train_config"]) == cfg
+        restored = gpt.tokenizer_from_state(ckpt["tokenizer"])
+        assert type(restored) is type(tokenizer) and restored.vocab == tokenizer.vocab
+        text = "hellohownow"
+        assert restored.encode(text) == tokenizer.encode(text) and restored.decode(tokenizer.encode(text)) == text
+        assert torch.equal(loaded.eval()(x)[0], model.eval()(x)[0])
+    assert restored.pattern == bpe.GPT2_PATTERN
+    # the optimizer: one more step from the saved state == one more step of the original
+    loaded.train()
+    loaded_optimizer = gpt.make_optimizer(loaded, gpt.TrainConfig(**ckpt["train_config"]), "cpu")
+    loaded_optimizer.load_state_dict(ckpt["optimizer"])
+    step(model.train(), optimizer)
+    step(loaded, loaded_optimizer)
+    for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_each_step_and_rank_draws_its_own_batches():
+    seeds = {gpt.batch_generator(1337, step, rank, 4).initial_seed() for step in range(200) for rank in range(4)}
+    assert len(seeds) == 800
+
+
+def test_gpt_batches_are_windows_with_targets_shifted_by_one():
+    x, y = gpt.get_batch(torch.arange(20) * 3, 200, 16, torch.Generator().manual_seed(0), "cpu")
+    assert x.shape == y.shape == (200, 16)  # 4 possible windows of 16 in 20 values
+    assert torch.equal(y, x + 3)  # the target of each position is the next token
+    assert torch.equal(x[:, 1:], x[:, :-1] + 3)  # a window is a contiguous run
+    assert set(x[:, 0].tolist()) == {0, 3, 6, 9}  # every start, up to the last full window
+
+
+def test_gpt_validation_is_the_last_tenth_and_bpe_never_sees_it():
+    text = "ab ab " * 150 + "xy" * 50  # 1000 characters: the last 100 are validation
+    train, val = gpt.split_data(text, gpt.CharTokenizer(" abxy"), 8, "t.txt")
+    assert train.tolist() == gpt.CharTokenizer(" abxy").encode(text[:900]) and val.tolist() == [3, 4] * 50
+    tokenizer = gpt.build_tokenizer(text, gpt.TrainConfig(tokenizer="bpe", vocab_size=270))
+    assert tokenizer.merges and not any(b"x" in tokenizer.vocab[i] or b"y" in tokenizer.vocab[i] for i in tokenizer.merges.values())
+    train, val = gpt.split_data(text, tokenizer, 8, "t.txt")
+    assert tokenizer.decode(train.tolist()) == text[:900] and tokenizer.decode(val.tolist()) == text[900:]
+
+
 def test_char_tokenizer_round_trip_and_unknown_character():
     tok = gpt.CharTokenizer("".join(sorted(set(SHAKESPEARE_BIT))))
     assert tok.decode(tok.encode("ALL:\nSpeak")) == "ALL:\nSpeak"
@@ -933,21 +1269,140 @@ def test_char_tokenizer_round_trip_and_unknown_character():
         tok.encode("Quite so")
 
 
-def test_gpt_script_trains_checkpoints_and_samples(tmp_path):
+def check_gpt_log(out, text, tokenizer, flags, world_size=1):
+    """Every number a fresh gpt.py training run prints, against the same number found another way.
+    Returns {step: (train loss, val loss)} of the evaluations and {step: loss} of the progress lines."""
+    model_cfg, cfg, _ = gpt.parse_args(flags)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.vocab))
+    cut = int(0.9 * len(text))
+    n_val = len(gpt.encode(tokenizer, text[cut:]))
+    assert (f"{len(text):,} characters, {len(gpt.encode(tokenizer, text[:cut])):,} train and {n_val:,} val tokens, "
+            f"vocab {model_cfg.vocab_size}\n") in out
+    assert (f"model: {gpt_parameter_count(model_cfg):,} parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} "
+            f"heads, {model_cfg.n_embd} wide, block {model_cfg.block_size}) on cpu\n") in out
+    # evaluations: at every eval_interval and at the end; bits per unit = nats per token x tokens per unit / ln 2
+    unit = "char" if isinstance(tokenizer, gpt.CharTokenizer) else "byte"
+    units = len(text[cut:]) if unit == "char" else len(text[cut:].encode("utf-8"))
+    evals = {}
+    for step, train, val, bits in re.findall(rf"^step (\d+): train loss ([\d.]+), val loss ([\d.]+) "
+                                             rf"\(val ([\d.]+) bits/{unit}\)$", out, re.M):
+        assert bits_match_nats(bits, val, n_val / units), (bits, val)
+        evals[int(step)] = float(train), float(val)
+    assert sorted(evals) == sorted({*range(0, cfg.max_iters, cfg.eval_interval), cfg.max_iters})
+    # progress: at every log_interval and at the end, with the learning rate of the step just taken
+    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * world_size
+    losses = {}
+    for step, loss, lr, ms, speed in re.findall(r"^step (\d+): loss ([\d.]+), lr ([\d.e+-]+), ([\d.]+) ms/step, "
+                                                r"([\d,]+) tokens/s$", out, re.M):
+        assert lr == f"{gpt.learning_rate(int(step) - 1, cfg):.2e}"
+        ms, speed = float(ms), int(speed.replace(",", ""))
+        assert tokens_per_step * 1000 / (ms + 0.05) - 1 <= speed <= tokens_per_step * 1000 / max(ms - 0.05, 1e-9) + 1
+        losses[int(step)] = float(loss)
+    assert sorted(losses) == sorted({*range(cfg.log_interval, cfg.max_iters, cfg.log_interval), cfg.max_iters})
+    return evals, losses
+
+
+def evaluate_checkpoint(path, text, flags):
+    """(train loss, val loss) of a saved model, computed here on the batches the script evaluates on:
+    eval_iters batches of each split, drawn from a generator seeded with the run's seed."""
+    _, cfg, _ = gpt.parse_args(flags)
+    ckpt, model = gpt.load_checkpoint(path, "cpu")
+    tokenizer = gpt.tokenizer_from_state(ckpt["tokenizer"])
+    cut, losses = int(0.9 * len(text)), []
+    for part in (text[:cut], text[cut:]):
+        data = torch.tensor(gpt.encode(tokenizer, part))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        batches = [gpt.get_batch(data, cfg.batch_size, model.cfg.block_size, generator, "cpu") for _ in range(cfg.eval_iters)]
+        with torch.no_grad():
+            losses.append(sum(F.cross_entropy(model.eval()(x)[0].flatten(0, 1), y.flatten()).item()
+                              for x, y in batches) / cfg.eval_iters)
+    return losses
+
+
+def check_generated_line(out, n_tokens, cache_kib, heads="2 of 2"):
+    """'generated N tokens in S s: R tokens/s, KV cache K KiB (h of H heads keep K/V)': R is N / S, up to
+    the rounding of S."""
+    seconds, rate = re.search(rf"^generated {n_tokens} tokens in ([\d.]+) s: (\d+) tokens/s, KV cache {cache_kib} KiB "
+                              rf"\({heads} heads keep K/V\)$", out, re.M).groups()
+    seconds, rate = float(seconds), int(rate)
+    assert n_tokens / (seconds + 0.005) - 0.5 <= rate <= n_tokens / max(seconds - 0.005, 1e-9) + 0.5
+
+
+def test_gpt_script_trains_checkpoints_and_samples(tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
-    out = run_gpt(["--input", "tiny.txt", *TINY_FLAGS, "--max-iters", "30", "--eval-interval", "15",
-                   "--log-interval", "10", "--max-new-tokens", "40"], tmp_path).stdout
-    val_losses = [float(v) for v in re.findall(r"val loss ([0-9.]+)", out)]
-    assert len(val_losses) == 3 and val_losses[-1] < val_losses[0]  # steps 0, 15, 30
-    assert re.search(r"step 30: loss [0-9.]+, lr [0-9.e-]+, [0-9.]+ ms/step, [0-9,]+ tokens/s", out)
-    assert "bits/char" in out and "tokens/s" in out.splitlines()[-1]
-    assert (tmp_path / "out" / "ckpt.pt").exists()
+    # dropout on, so an evaluation without model.eval() would show; 25 steps: the last log and eval are off-interval
+    flags = ["--input", "tiny.txt", *TINY_FLAGS, "--dropout", "0.1", "--grad-accum", "2", "--max-iters", "25",
+             "--eval-interval", "10", "--log-interval", "10", "--max-new-tokens", "40"]
+    out = run_gpt(flags, tmp_path).stdout
+    chars = "".join(sorted(set(SHAKESPEARE_BIT)))
+    evals, _ = check_gpt_log(out, SHAKESPEARE_BIT, gpt.CharTokenizer(chars), flags)
+    assert evals[25][1] < evals[0][1] - 0.1
+    # the checkpoint holds the last step, and the printed losses are its losses on the evaluation batches
+    path = str(tmp_path / "out" / "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 25 and close_to_printed(min(val for _, val in evals.values()), ckpt["best_val_loss"], 4)
+    train_loss, val_loss = evaluate_checkpoint(path, SHAKESPEARE_BIT, flags)
+    assert close_to_printed(evals[25][0], train_loss, 4) and close_to_printed(evals[25][1], val_loss, 4)
+    # the sample after training: the default empty prompt starts after an unprinted newline; 40 characters
+    after_training = out[out.rindex(" bits/char)\n") + len(" bits/char)\n"):]
+    text = after_training[: after_training.rindex("\ngenerated")]
+    assert len(text) == 40 and set(text) <= set(chars)
+    check_generated_line(after_training, 40, 2)  # keys and values x 1 layer x 2 heads x block 16 x 8 x 4 bytes
+    # sampling from the checkpoint, with every option
     sample = run_gpt(["--sample", "--prompt", "ALL:", "--max-new-tokens", "30", "--top-k", "5", "--top-p", "0.9"],
                      tmp_path).stdout
     text = sample[: sample.rindex("\ngenerated")]
-    assert text.startswith("ALL:") and len(text) == len("ALL:") + 30  # one character per token
-    assert re.search(r"generated 30 tokens in [0-9.]+ s: [0-9]+ tokens/s, KV cache 2 KiB", sample)
-    # keys and values x 1 layer x 2 heads x block 16 x head size 8 x 4 bytes = 2 KiB
+    assert text.startswith("ALL:") and len(text) == len("ALL:") + 30 and set(text) <= set(chars)
+    check_generated_line(sample, 30, 2)
+    # greedy, and the cuts that leave one token: exactly the saved model's own continuation of the prompt
+    monkeypatch.chdir(tmp_path)
+    _, model = gpt.load_checkpoint(path, "cpu")
+    tokenizer = gpt.CharTokenizer(chars)
+    greedy = tokenizer.decode(model.generate(torch.tensor([tokenizer.encode("ALL:")]), 30, temperature=0)[0].tolist())
+    for option in (["--temperature", "0"], ["--top-k", "1"], ["--top-p", "0.01"], ["--temperature", "0", "--no-kv-cache"]):
+        gpt.main(["--sample", "--prompt", "ALL:", "--max-new-tokens", "30", *option])
+        assert capsys.readouterr().out.startswith(greedy + "\ngenerated 30 tokens"), option
+
+
+def test_gradient_accumulation_equals_one_batch_of_all_the_micro_batches(tmp_path, monkeypatch, capsys):
+    """With --grad-accum 2 the step's gradient and logged loss are those of the mean loss over both
+    micro-batches together (recorded here as the script draws them)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    batches, seen = [], {}
+    real_get_batch, real_make_optimizer = gpt.get_batch, gpt.make_optimizer
+
+    def recording_get_batch(*args):
+        batches.append(real_get_batch(*args))
+        return batches[-1]
+
+    def make_optimizer(model, cfg, device_type):
+        optimizer = real_make_optimizer(model, cfg, device_type)
+
+        def before_the_first_update(*_):
+            if not seen:
+                seen.update(params={name: p.detach().clone() for name, p in model.named_parameters()},
+                            grads={name: p.grad.clone() for name, p in model.named_parameters()}, batches=batches[-2:])
+        optimizer.register_step_pre_hook(before_the_first_update)
+        return optimizer
+
+    monkeypatch.setattr(gpt, "get_batch", recording_get_batch)
+    monkeypatch.setattr(gpt, "make_optimizer", make_optimizer)
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--grad-accum", "2", "--grad-clip", "0", "--max-iters", "1",
+              "--log-interval", "1", "--max-new-tokens", "0"])
+    logged = float(re.search(r"^step 1: loss ([\d.]+),", capsys.readouterr().out, re.M).group(1))
+    (x1, y1), (x2, y2) = seen["batches"]
+    assert x1.shape == (4, 16) and not torch.equal(x1, x2)  # two different micro-batches
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    model = gpt.GPT(gpt.GPTConfig(**ckpt["model_config"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(seen["params"][name])  # the weights before the first update
+    loss = model(torch.cat([x1, x2]), torch.cat([y1, y2]))[1]  # one batch of all 8 windows
+    loss.backward()
+    assert close_to_printed(logged, loss.item(), 4)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(seen["grads"][name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_gpt_stop_and_resume_gives_the_same_losses_as_one_run(tmp_path):
@@ -991,33 +1446,71 @@ def test_gpt_stop_and_resume_gives_the_same_losses_as_one_run(tmp_path):
     assert seconds == sorted(seconds)  # the clock goes on from where the first part stopped
 
 
-def torchrun_gpt(args, cwd):
+def torchrun_gpt(args, cwd, logs):
+    """gpt.py on two CPU processes. Returns each rank's stdout, which torchrun writes to a file per rank
+    under logs (--redirects): the two processes' lines could otherwise interleave in one pipe. When it
+    fails, the assertion shows everything torchrun and both workers printed."""
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(REPO / "gpt.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+                             "--log-dir", str(logs), "--redirects", "3", str(REPO / "gpt.py"), *args],
+                            cwd=cwd, capture_output=True, text=True, timeout=180)
+    printed = {}
+    for rank in (0, 1):
+        for stream in ("stdout", "stderr"):
+            files = list(Path(logs).glob(f"*/attempt_0/{rank}/{stream}.log"))
+            printed[rank, stream] = files[0].read_text(encoding="utf-8") if files else "(no file)"
+    assert result.returncode == 0, "\n".join(
+        [f"torchrun ended with {result.returncode}", "---- torchrun's stdout", result.stdout, "---- torchrun's stderr",
+         result.stderr] + [f"---- rank {rank}'s {stream}\n{text}" for (rank, stream), text in printed.items()])
+    return printed[0, "stdout"], printed[1, "stdout"]
+
+
+def data_parallel_steps(ckpt_path, text, flags, world_size):
+    """What DDP training should do from a checkpoint, written out in one process: at each step every
+    rank draws grad_accum micro-batches from its own generator, and the update uses the mean over
+    the ranks of each rank's mean loss. Returns each rank's loss at the last step."""
+    _, cfg, _ = gpt.parse_args(flags)
+    ckpt, model = gpt.load_checkpoint(ckpt_path, "cpu")
+    optimizer = gpt.make_optimizer(model.train(), cfg, "cpu")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    data = torch.tensor(gpt.CharTokenizer("".join(sorted(set(text)))).encode(text[: int(0.9 * len(text))]))
+    for step in range(ckpt["step"], cfg.max_iters):
+        for group in optimizer.param_groups:
+            group["lr"] = gpt.learning_rate(step, cfg)
+        rank_losses = []
+        for rank in range(world_size):
+            batches = gpt.batch_generator(cfg.seed, step, rank, world_size)
+            rank_losses.append(sum(model(*gpt.get_batch(data, cfg.batch_size, model.cfg.block_size, batches, "cpu"))[1]
+                                   for _ in range(cfg.grad_accum)) / cfg.grad_accum)
+        optimizer.zero_grad()
+        (sum(rank_losses) / world_size).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+    return [loss.item() for loss in rank_losses]
 
 
 def test_gpt_data_parallel_with_torchrun_on_cpu(tmp_path):
     """Two processes, gloo backend: different batches per rank, one averaged loss, one checkpoint;
-    and a resumed run continues exactly, each rank with its own batches again."""
+    and a resumed run continues exactly as data-parallel training from the saved state should."""
     (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     flags = ["--input", "tiny.txt", *TINY_FLAGS, "--eval-interval", "3", "--log-interval", "3", "--grad-accum", "2",
-             "--max-new-tokens", "0"]
-    finished = r"rank (\d)/2: finished at step 6; last logged loss ([0-9.]+) on this rank's batches, ([0-9.]+) all-reduced"
-    whole = torchrun_gpt([*flags, "--max-iters", "6"], tmp_path)
-    ranks = sorted(re.findall(finished, whole))
-    assert [rank for rank, _, _ in ranks] == ["0", "1"]
-    (_, local_0, reduced_0), (_, local_1, reduced_1) = ranks
-    assert local_0 != local_1  # each rank drew its own batches
-    assert reduced_0 == reduced_1  # and the all-reduce made them agree
-    assert abs(float(reduced_0) - (float(local_0) + float(local_1)) / 2) < 2e-6
-    assert whole.count("step 6: train loss") == 1  # only rank 0 evaluates and logs
-    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.csv"]
-
-    torchrun_gpt([*flags, "--max-iters", "3", "--out-dir", "parts"], tmp_path)
-    resumed = torchrun_gpt([*flags, "--max-iters", "6", "--out-dir", "parts", "--resume"], tmp_path)
-    assert sorted(re.findall(finished, resumed)) == ranks  # the same losses, rank by rank
+             "--max-new-tokens", "0", "--out-dir", "ddp"]
+    finished = r"^rank {}/2: finished at step {}; last logged loss ([0-9.]+) on this rank's batches, ([0-9.]+) all-reduced\n$"
+    first = torchrun_gpt([*flags, "--max-iters", "3"], tmp_path, tmp_path / "logs_first")
+    check_gpt_log(first[0], SHAKESPEARE_BIT, gpt.CharTokenizer("".join(sorted(set(SHAKESPEARE_BIT)))),
+                  [*flags, "--max-iters", "3"], world_size=2)  # tokens/s counts both ranks
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["ckpt.pt", "log.csv"]
+    shutil.copy(tmp_path / "ddp" / "ckpt.pt", tmp_path / "step3.pt")
+    resumed = torchrun_gpt([*flags, "--max-iters", "6", "--resume"], tmp_path, tmp_path / "logs_resumed")
+    assert "step 6: train loss" in resumed[0]
+    for (out_0, out_1), step in ((first, 3), (resumed, 6)):
+        # rank 1 prints one line only: rank 0 alone logs, evaluates and saves
+        (local_0, reduced_0), = re.findall(finished.format(0, step), out_0, re.M)
+        (local_1, reduced_1), = re.findall(finished.format(1, step), out_1)
+        assert local_0 != local_1  # each rank drew its own batches
+        assert reduced_0 == reduced_1  # and the all-reduce made them agree
+        assert abs(float(reduced_0) - (float(local_0) + float(local_1)) / 2) < 2e-6
+    expected = data_parallel_steps(str(tmp_path / "step3.pt"), SHAKESPEARE_BIT, [*flags, "--max-iters", "6"], 2)
+    assert [float(local_0), float(local_1)] == pytest.approx(expected, abs=1e-5)
 
 
 def gpt_error(argv):
@@ -1076,16 +1569,44 @@ def test_gpt_resume_keeps_the_runs_settings_unless_given_again(tmp_path, monkeyp
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
 
 
+def test_checkpoint_keeps_the_best_val_loss_of_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    common = ["--input", "tiny.txt", *TINY_FLAGS, "--eval-interval", "5", "--max-new-tokens", "0"]
+    gpt.main([*common, "--max-iters", "10"])
+    gpt.main([*common, "--max-iters", "15", "--resume", "--learning-rate", "1.0", "--min-lr-ratio", "1"])  # wrecks it
+    val_losses = [float(v) for v in re.findall(r"val loss ([\d.]+)", capsys.readouterr().out)]
+    assert len(val_losses) == 4 and val_losses[-1] > min(val_losses)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert close_to_printed(min(val_losses), ckpt["best_val_loss"], 4)
+
+
 def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     """A text with no newline (the default prompt), and BPE text with <|endoftext|> between documents."""
     monkeypatch.chdir(tmp_path)
-    flags = [*TINY_FLAGS, "--max-iters", "2", "--eval-interval", "2", "--max-new-tokens", "5"]
-    (tmp_path / "one_line.txt").write_text("to be or not to be " * 100, encoding="utf-8")
-    gpt.main(["--input", "one_line.txt", *flags])
-    assert "generated 5 tokens" in capsys.readouterr().out
-    (tmp_path / "docs.txt").write_text((SHAKESPEARE_BIT[:300] + "<|endoftext|>") * 10, encoding="utf-8")
-    gpt.main(["--input", "docs.txt", "--tokenizer", "bpe", "--vocab-size", "280", "--out-dir", "bpe", *flags])
-    assert "generated 5 tokens" in capsys.readouterr().out
+    flags = [*TINY_FLAGS, "--max-iters", "2", "--eval-interval", "2", "--log-interval", "1", "--max-new-tokens", "5"]
+    one_line = "to be or not to be " * 100
+    (tmp_path / "one_line.txt").write_text(one_line, encoding="utf-8")
+    one_line_flags = ["--input", "one_line.txt", "--n-kv-head", "1", *flags]  # and multi-query attention
+    gpt.main(one_line_flags)
+    out = capsys.readouterr().out
+    check_gpt_log(out, one_line, gpt.CharTokenizer(" benort"), one_line_flags)
+    sample = out.splitlines()[-2]  # "\n" is not in this text: the sample starts, unprinted, from its first token
+    assert len(sample) == 5 and set(sample) <= set(one_line)
+    check_generated_line(out, 5, 1, heads="1 of 2")  # half the cache of 2 key/value heads
+
+    docs = (SHAKESPEARE_BIT[:300] + "<|endoftext|>") * 10
+    (tmp_path / "docs.txt").write_text(docs, encoding="utf-8")
+    bpe_flags = ["--input", "docs.txt", "--tokenizer", "bpe", "--vocab-size", "280", "--out-dir", "bpe", *flags]
+    gpt.main(bpe_flags)
+    out = capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "bpe" / "ckpt.pt", weights_only=True)
+    tokenizer = bpe.BPETokenizer.from_dict(ckpt["tokenizer"]["bpe"])
+    assert ckpt["model_config"]["vocab_size"] == len(tokenizer.vocab) == 281  # 256 bytes, 24 merges, <|endoftext|>
+    assert f"trained a BPE tokenizer of 281 tokens" in out
+    ids = gpt.encode(tokenizer, docs)
+    assert ids.count(280) == 10 and tokenizer.decode(ids) == docs  # each separator is one token
+    check_gpt_log(out, docs, tokenizer, bpe_flags)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -1093,6 +1614,7 @@ def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     (["--batch-size", "-1"], "--batch-size must be positive"),
     (["--n-kv-head", "3"], "--n-kv-head 3 must divide --n-head 4"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--tokenizer", "words"], "--tokenizer 'words': choose char or bpe"),
     (["--attention", "fast"], "--attention 'fast': choose sdpa, math or flash"),
@@ -1113,15 +1635,17 @@ def test_gpt_script_prints_errors_as_one_line_without_traceback(tmp_path):
 
 
 def test_gpt_script_with_the_bpe_tokenizer(tmp_path):
-    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
-    out = run_gpt(["--input", "tiny.txt", "--tokenizer", "bpe", "--vocab-size", "300", *TINY_FLAGS,
-                   "--max-iters", "20", "--eval-interval", "10", "--max-new-tokens", "0"], tmp_path).stdout
-    assert re.search(r"trained a BPE tokenizer of 30[01] tokens", out)
-    bits = [float(b) for b in re.findall(r"val ([0-9.]+) bits/byte", out)]
-    assert len(bits) == 3 and bits[-1] < bits[0]
+    text = SHAKESPEARE_BIT.replace("speak", "spëak").replace("die", "dïe")  # bytes per character > 1
+    (tmp_path / "tiny.txt").write_text(text, encoding="utf-8")
+    flags = ["--input", "tiny.txt", "--tokenizer", "bpe", "--vocab-size", "300", *TINY_FLAGS,
+             "--max-iters", "20", "--eval-interval", "10", "--log-interval", "10", "--max-new-tokens", "0"]
+    out = run_gpt(flags, tmp_path).stdout
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     tokenizer = bpe.BPETokenizer.from_dict(ckpt["tokenizer"]["bpe"])  # the checkpoint carries the merges
-    assert tokenizer.decode(tokenizer.encode(SHAKESPEARE_BIT)) == SHAKESPEARE_BIT
+    assert f"trained a BPE tokenizer of {len(tokenizer.vocab)} tokens" in out and len(tokenizer.vocab) in (300, 301)
+    evals, _ = check_gpt_log(out, text, tokenizer, flags)  # bits per byte, not per character
+    assert evals[20][1] < evals[0][1]
+    assert tokenizer.decode(tokenizer.encode(text)) == text
     # byte-level: any prompt encodes, even characters the training text never had
     sample = run_gpt(["--sample", "--prompt", "Ωmega 😀 ALL:", "--max-new-tokens", "10"], tmp_path).stdout
     assert sample.startswith("Ωmega 😀 ALL:") and "generated 10 tokens" in sample
