@@ -1252,7 +1252,7 @@ def test_gpt_batches_are_windows_with_targets_shifted_by_one():
     assert set(x[:, 0].tolist()) == {0, 3, 6, 9}  # every start, up to the last full window
 
 
-def test_gpt_validation_is_the_last_tenth_and_bpe_never_sees_it():
+def test_gpt_validation_is_the_last_tenth_and_the_tokenizer_never_sees_it():
     text = "ab ab " * 150 + "xy" * 50  # 1000 characters: the last 100 are validation
     train, val = gpt.split_data(text, gpt.CharTokenizer(" abxy"), 8, "t.txt")
     assert train.tolist() == gpt.CharTokenizer(" abxy").encode(text[:900]) and val.tolist() == [3, 4] * 50
