@@ -1405,7 +1405,7 @@ def test_gradient_accumulation_equals_one_batch_of_all_the_micro_batches(tmp_pat
         torch.testing.assert_close(seen["grads"][name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_gpt_stop_and_resume_gives_the_same_losses_as_one_run(tmp_path):
+def test_gpt_stop_and_resume_gives_the_same_losses_as_one_run(tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     # a flat learning rate after warmup, so the schedule does not depend on --max-iters; dropout on,
     # so the saved RNG state matters too
@@ -1425,10 +1425,13 @@ def test_gpt_stop_and_resume_gives_the_same_losses_as_one_run(tmp_path):
     assert proc.wait(timeout=60) == 0
     stopped_at = int(re.search(r"interrupted: saved step (\d+)", first_part).group(1))
     assert stopped_at >= 5
-    # 2) resumed for 20 more steps == one uninterrupted run of the same length
+    # 2) resumed for 20 more steps == one uninterrupted run of the same length (these two in this process)
+    monkeypatch.chdir(tmp_path)
     end = str(stopped_at + 20)
-    reference = step_losses(run_gpt([*flags, "--max-iters", end, "--out-dir", "one"], tmp_path).stdout)
-    resumed_out = run_gpt([*flags, "--max-iters", end, "--out-dir", "two", "--resume"], tmp_path).stdout
+    gpt.main([*flags, "--max-iters", end, "--out-dir", "one"])
+    reference = step_losses(capsys.readouterr().out)
+    gpt.main([*flags, "--max-iters", end, "--out-dir", "two", "--resume"])
+    resumed_out = capsys.readouterr().out
     assert f"resumed from {os.path.join('two', 'ckpt.pt')} at step {stopped_at}" in resumed_out
     resumed = step_losses(resumed_out)
     assert sorted(map(int, resumed)) == list(range(stopped_at + 1, stopped_at + 21))
@@ -1634,20 +1637,25 @@ def test_gpt_script_prints_errors_as_one_line_without_traceback(tmp_path):
     assert result.stderr.strip() == "error: missing.txt: no such file; pass a text file with --input"
 
 
-def test_gpt_script_with_the_bpe_tokenizer(tmp_path):
+def test_gpt_script_with_the_bpe_tokenizer(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     text = SHAKESPEARE_BIT.replace("speak", "spëak").replace("die", "dïe")  # bytes per character > 1
     (tmp_path / "tiny.txt").write_text(text, encoding="utf-8")
     flags = ["--input", "tiny.txt", "--tokenizer", "bpe", "--vocab-size", "300", *TINY_FLAGS,
              "--max-iters", "20", "--eval-interval", "10", "--log-interval", "10", "--max-new-tokens", "0"]
-    out = run_gpt(flags, tmp_path).stdout
+    gpt.main(flags)
+    out = capsys.readouterr().out
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     tokenizer = bpe.BPETokenizer.from_dict(ckpt["tokenizer"]["bpe"])  # the checkpoint carries the merges
     assert f"trained a BPE tokenizer of {len(tokenizer.vocab)} tokens" in out and len(tokenizer.vocab) in (300, 301)
     evals, _ = check_gpt_log(out, text, tokenizer, flags)  # bits per byte, not per character
     assert evals[20][1] < evals[0][1]
+    assert all(close_to_printed(printed, loss, 4) for printed, loss in
+               zip(evals[20], evaluate_checkpoint(str(tmp_path / "out" / "ckpt.pt"), text, flags)))
     assert tokenizer.decode(tokenizer.encode(text)) == text
     # byte-level: any prompt encodes, even characters the training text never had
-    sample = run_gpt(["--sample", "--prompt", "Ωmega 😀 ALL:", "--max-new-tokens", "10"], tmp_path).stdout
+    gpt.main(["--sample", "--prompt", "Ωmega 😀 ALL:", "--max-new-tokens", "10"])
+    sample = capsys.readouterr().out
     assert sample.startswith("Ωmega 😀 ALL:") and "generated 10 tokens" in sample
 
 
