@@ -760,8 +760,8 @@ def exit_before_gloo_threads_can_abort():
     """End a data-parallel process now, skipping Python's shutdown. DDP keeps the process group alive
     after destroy_process_group(), so its gloo worker threads still run, and one may be just now
     freeing the last all-reduce's tensors, which takes the interpreter's lock. During shutdown that
-    ends the thread inside a C++ destructor: std::terminate, SIGABRT, and torchrun fails the run (seen
-    in 1 of ~75 runs on a busy CPU; a core dump shows the thread in ~AsyncAllreduceWork -> take_gil)."""
+    ends the thread inside a C++ destructor: std::terminate, SIGABRT, and torchrun fails the run (3 of
+    465 two-process runs on a busy 2-core CPU; a core dump shows the thread in ~AsyncWork -> take_gil)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -670,7 +670,7 @@ def bigram_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bigram")
     small = tmp / "small.txt"
     small.write_text(markov_text(3000), encoding="utf-8")
-    args = {"end to end": ["--input", str(small), "--max-iters", "20", "--eval-interval", "10",
+    args = {"end to end": ["--input", str(small), "--max-iters", "200", "--eval-interval", "50",
                            "--eval-iters", "2", "--batch-size", "64", "--block-size", "32",
                            "--max-new-tokens", "80", "--device", "cpu"]}
     for name, (content, flags, _) in BIGRAM_BAD_INPUTS.items():
@@ -705,15 +705,15 @@ def test_bigram_script_runs_end_to_end(bigram_runs):
     # 1) the log: steps, learning rate, speed, and each loss in nats and in bits
     steps = re.findall(r"^step +(\d+) \| loss ([\d.]+) \| lr ([\d.e+-]+) \| +([\d.]+) ms/step \| +([\d.]+)M tok/s "
                        r"\| train ([\d.]+) nats ([\d.]+) bits/char \| val ([\d.]+) nats ([\d.]+) bits/char$", out, re.M)
-    assert [int(s[0]) for s in steps] == [10, 20] and re.search(r"^step +0 \| train [\d.]+ nats", out, re.M)
+    assert [int(s[0]) for s in steps] == [50, 100, 150, 200] and re.search(r"^step +0 \| train [\d.]+ nats", out, re.M)
     for step, _, lr, ms, mtok, *losses in steps:
-        assert lr == f"{0.3 * (1 - (int(step) - 1) / 20):.2e}"  # the rate of the step just taken, decaying to 0
+        assert lr == f"{0.3 * (1 - (int(step) - 1) / 200):.2e}"  # the rate of the step just taken, decaying to 0
         ms, mtok = float(ms), float(mtok)
         assert 64 * 32 / (ms + 0.005) / 1000 - 0.05 <= mtok <= 64 * 32 / max(ms - 0.005, 1e-9) / 1000 + 0.05
     evaluations = re.findall(r"\| (?:train|val) ([\d.]+) nats ([\d.]+) bits/char", out)
-    assert len(evaluations) == 6 and all(bits_match_nats(bits, nats) for nats, bits in evaluations)  # steps 0, 10, 20
-    seconds = float(re.search(r"^trained 20 steps in ([\d.]+) s$", out, re.M).group(1))
-    assert abs(seconds - sum(10 * float(s[3]) / 1000 for s in steps)) <= 0.005 + 20 * 0.005 / 1000
+    assert len(evaluations) == 10 and all(bits_match_nats(bits, nats) for nats, bits in evaluations)  # 5 evaluations
+    seconds = float(re.search(r"^trained 200 steps in ([\d.]+) s$", out, re.M).group(1))  # the sum of the logged times
+    assert abs(seconds - sum(50 * float(s[3]) / 1000 for s in steps)) <= 0.005 + 200 * 0.005 / 1000
     # 2) the summary: the count optimum counted again here; the learned table cannot beat the raw counts
     rows = {name: [float(v) for v in values] for name, *values in re.findall(
         r"^(trained table|count optimum \(alpha 0.1\)) +([\d.]+) nats ([\d.]+) bits +([\d.]+) nats ([\d.]+) bits$", out, re.M)}
