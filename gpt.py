@@ -772,7 +772,7 @@ def train(cfg, model_cfg, given=frozenset()):
     The out-dir is claimed before any work, and released at the end however the run ends."""
     with claim_out_dir(cfg):
         model = _train(cfg, model_cfg, given)
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun's processes (the group is torn down by now)
         exit_before_gloo_threads_can_abort()  # after the out-dir's lock is released
     return model
 

@@ -1606,7 +1606,7 @@ def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     ckpt = torch.load(tmp_path / "bpe" / "ckpt.pt", weights_only=True)
     tokenizer = bpe.BPETokenizer.from_dict(ckpt["tokenizer"]["bpe"])
     assert ckpt["model_config"]["vocab_size"] == len(tokenizer.vocab) == 281  # 256 bytes, 24 merges, <|endoftext|>
-    assert f"trained a BPE tokenizer of 281 tokens" in out
+    assert "trained a BPE tokenizer of 281 tokens" in out
     ids = gpt.encode(tokenizer, docs)
     assert ids.count(280) == 10 and tokenizer.decode(ids) == docs  # each separator is one token
     check_gpt_log(out, docs, tokenizer, bpe_flags)
