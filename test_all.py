@@ -1228,9 +1228,10 @@ def test_modern_options_resume_exactly_and_sample_with_the_cache(options, tmp_pa
 def test_ablation_trains_every_row_and_seed_for_the_same_steps_and_the_same_time(tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(gpt.ABLATIONS, "depth", gpt.ABLATIONS["depth"][:2] + [("slow", {"post_ln": True})])
+    monkeypatch.setitem(gpt.ABLATIONS, "options", [("base", {}), ("rmsnorm", {"norm": "rmsnorm"}),
+                                                   ("slow", {"post_ln": True})])
     monkeypatch.setattr(gpt, "step_times", lambda variants: [0.010, 0.0102, 0.020])  # the third: twice as slow
-    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "depth", "--ablation-seeds", "4,5",
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "options", "--ablation-seeds", "4,5",
               "--max-iters", "40", "--out-dir", "abl"])
     table = capsys.readouterr().out.splitlines()
     runs = gpt.read_csv(os.path.join("abl", "ablation.csv"))
@@ -1244,7 +1245,7 @@ def test_ablation_trains_every_row_and_seed_for_the_same_steps_and_the_same_time
         assert f"{mine(40).mean():.4f} ± {mine(40).std():.4f}" in line
         assert line.rstrip().endswith(f"{same_time.mean():.4f} ± {same_time.std():.4f}")
     assert len(table) == 4 and "(2.00x)" in table[3]
-    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "depth", "--ablation-seeds", "4,5",
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "options", "--ablation-seeds", "4,5",
               "--max-iters", "40", "--out-dir", "abl"])  # again: every run is in the CSV, none is trained anew
     assert capsys.readouterr().out.splitlines() == table and len(gpt.read_csv(os.path.join("abl", "ablation.csv"))) == 8
 
@@ -2105,10 +2106,12 @@ def test_flops_per_token_equals_a_hand_count():
     assert gpt.matmul_params(cfg) == 8 * 24 + 64 + 256 + 256 + 80 == 848
     assert gpt.flops_per_token(cfg) == 6 * 848 + 12 * 1 * 6 * 8
     # the same count read off a real model: every Linear weight (lm_head included), no lookups
-    for cfg in (cfg, gpt.GPTConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=16, vocab_size=11, bias=False)):
-        model = gpt.GPT(cfg)
+    swiglu = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=12, vocab_size=9, mlp="swiglu", untied_head=True)
+    for c in (cfg, swiglu, gpt.GPTConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=16, vocab_size=11, bias=False)):
+        model = gpt.GPT(c)
         linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-        assert gpt.matmul_params(cfg) == linear
+        assert gpt.matmul_params(c) == linear
+        cfg = c
     # grouped-query attention: 2 of 4 kv heads of size 4 -> qkv is 16 x (16 + 2*8)
     assert gpt.matmul_params(cfg) == 3 * (16 * 32 + 256 + 2 * 16 * 64) + 16 * 11
 
