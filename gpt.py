@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import os
 import platform
 import random
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, redirect_stdout, suppress
 
 import numpy as np
@@ -67,7 +69,7 @@ class GPTConfig:
 class TrainConfig:
     input: str = dataclasses.field(default="input.txt", metadata={"help": "training text (UTF-8): a file, a directory (its "
                                                                        "*.txt and *.jsonl files) or a quoted glob"})
-    out_dir: str = dataclasses.field(default="out", metadata={"help": "where ckpt.pt is written and read"})
+    out_dir: str = dataclasses.field(default="out", metadata={"help": "where ckpt.pt and the token files are written and read"})
     preset: str = dataclasses.field(default="auto", metadata={"help": "default settings: cpu, gpu, or auto (gpu on CUDA)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
     seed: int = dataclasses.field(default=1337, metadata={"help": "random seed"})
@@ -229,10 +231,10 @@ def tokenizer_from_state(state):
 
 def get_batch(data, batch_size, block_size, generator, device):
     """batch_size random windows: inputs x, and targets y that are x shifted one token on. data: the token
-    ids, a memory map of a token file (only the windows are read from disk) or a tensor."""
+    ids, a token file (only the windows are read from disk) or a tensor."""
     starts = torch.randint(len(data) - block_size, (batch_size, 1), generator=generator)  # (B, 1)
-    positions = (starts + torch.arange(block_size)).numpy()  # (B, T)
-    x, y = (torch.as_tensor(data[p], dtype=torch.long) for p in (positions, positions + 1))  # (B, T), (B, T)
+    windows = data[(starts + torch.arange(block_size + 1)).numpy()]  # (B, T+1), read in one go
+    x, y = (torch.as_tensor(w, dtype=torch.long) for w in (windows[:, :-1], windows[:, 1:]))  # (B, T), (B, T)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
@@ -387,16 +389,17 @@ def build_tokenizer(files, cut, cfg, log=print):
     return tokenizer
 
 
-def batch_encoder(tokenizer):
+def batch_encoder(tokenizer, pool):
     """A function from a list of text pieces to their ids, one after the other, as a numpy array.
-    Characters go through a lookup table indexed by code point; BPE through tiktoken (Rust), on every core."""
+    Characters go through a lookup table indexed by code point; BPE through tiktoken (Rust), a piece per
+    thread of pool: tiktoken lets go of Python's lock while it encodes, and hands back numpy arrays."""
     if isinstance(tokenizer, CharTokenizer):
         table = np.full(0x110000, -1, dtype=np.int32)  # every Unicode code point -> its id; -1: not in the vocabulary
         table[[ord(ch) for ch in tokenizer.chars]] = np.arange(len(tokenizer.chars))
         return lambda pieces: char_ids("".join(pieces), table)
-    encoding, threads = tokenizer.to_tiktoken(), os.cpu_count() or 1
-    return lambda pieces: np.concatenate([np.array(ids, dtype=np.int64) for ids in encoding.encode_batch(
-        pieces, num_threads=threads, allowed_special="all")])
+    encoding = tokenizer.to_tiktoken()
+    return lambda pieces: np.concatenate(list(pool.map(
+        lambda piece: encoding.encode_to_numpy(piece, allowed_special="all"), pieces)))
 
 
 def char_ids(text, table):
@@ -490,7 +493,8 @@ def token_files_current(meta, out_dir, files, recipe, tokenizer):
 def write_token_files(files, cut, tokenizer, out_dir, log):
     """Encode the input into train.bin and val.bin (uint16 ids when the vocabulary fits, else uint32)."""
     dtype = np.uint16 if len(tokenizer.vocab) <= 2**16 else np.uint32
-    encode, bpe = batch_encoder(tokenizer), not isinstance(tokenizer, CharTokenizer)
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+    encode, bpe = batch_encoder(tokenizer, pool), not isinstance(tokenizer, CharTokenizer)
     paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
     writers, progress, done = {}, Progress("tokenizing", log), False
     try:
@@ -503,6 +507,7 @@ def write_token_files(files, cut, tokenizer, out_dir, log):
             writer.flush()
         done = True
     finally:
+        pool.shutdown()
         for split, writer in writers.items():
             writer.file.close()
             if done:
@@ -516,6 +521,28 @@ def write_token_files(files, cut, tokenizer, out_dir, log):
                for split, w in writers.items()}}
 
 
+class TokenFile:
+    """A token file as an array of ids through a memory map: reading a window loads only the pages it
+    touches. Touched pages would stay counted as the process's memory, though, and the page cache
+    hands them out up to 2 MB at a time (4,000 batches of a 2 GB file: 1.8 GB), so each read gives
+    them back (madvise; they stay cached, so reading them again is still fast). Without madvise
+    (Windows), they stay."""
+
+    def __init__(self, path, dtype):
+        with open(path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.ids = np.frombuffer(self.map, dtype=dtype)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        ids = np.array(self.ids[index])  # a copy, which outlives the pages
+        if hasattr(self.map, "madvise"):
+            self.map.madvise(mmap.MADV_DONTNEED)
+        return ids
+
+
 def read_token_meta(out_dir):
     """tokens.json, or None if there is none (or it is unreadable, or of another version)."""
     try:
@@ -527,15 +554,14 @@ def read_token_meta(out_dir):
 
 
 def open_token_files(cfg, block_size):
-    """tokens.json, and memory maps of train.bin and val.bin; each split must hold one (x, y) window."""
+    """tokens.json, train.bin and val.bin; each split must hold at least one (x, y) window."""
     meta = read_token_meta(cfg.out_dir)
     for split, name in (("train", "training"), ("val", "validation")):
         if meta[split]["tokens"] <= block_size:
             hint = " (every tenth document validates: give at least ten)" if meta["validation"] != "last 10 %" else ""
             raise ValueError(f"{cfg.input}: the {name} split has {meta[split]['tokens']} tokens but needs more than "
                              f"block_size={block_size}{hint}; use a longer text or a smaller --block-size")
-    return meta, *(np.memmap(os.path.join(cfg.out_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
-                   for split in ("train", "val"))
+    return meta, *(TokenFile(os.path.join(cfg.out_dir, f"{split}.bin"), meta["dtype"]) for split in ("train", "val"))
 
 
 # ----------------------------------------------------------------------------------------------
