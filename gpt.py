@@ -3,28 +3,40 @@
     python gpt.py                         # train on input.txt, save out/ckpt.pt, print a sample
     python gpt.py --sample --prompt "ROMEO:"   # sample from the saved checkpoint
     torchrun --standalone --nproc_per_node=2 gpt.py   # data-parallel training on 2 GPUs (or CPU procs)
+    python gpt.py --input corpus/ --tokenizer bpe --out-dir out-pre    # pretrain on a directory of texts
+    python gpt.py --init-from out-pre/ckpt.pt --input play.txt --out-dir out-play   # then fine-tune on one
     python gpt.py --bench-attention       # attention three ways: time and memory, T = 256 ... 16384
+    python gpt.py --bench-data 1000       # the data path on 10 MB ... 1 GB: MB/s and peak memory
     python gpt.py --preset gpt2 --ablation options   # what each modern option buys over GPT-2, 3 seeds
 
-Read it top to bottom: config, data, model (attention -> block -> GPT, GPT-2 and what modern models
-changed), training (AdamW, Muon), sampling, FlashAttention-2 from scratch, the attention benchmark,
-experiments, main().
+Read it top to bottom: config, data (and data at scale: token files), model (attention -> block ->
+GPT, GPT-2 and what modern models changed), training (AdamW, Muon), sampling, FlashAttention-2 from
+scratch, the attention and data benchmarks, experiments, main().
 """
 import argparse
 import dataclasses
 import errno
 import gc
+import glob
+import hashlib
 import io
 import json
 import math
+import mmap
 import os
 import platform
+import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, redirect_stdout, suppress
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -75,13 +87,17 @@ class GPTConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    input: str = dataclasses.field(default="input.txt", metadata={"help": "training text (UTF-8)"})
-    out_dir: str = dataclasses.field(default="out", metadata={"help": "where ckpt.pt is written and read"})
-    preset: str = dataclasses.field(default="auto", metadata={"help": "default settings: cpu, gpu, gpt2 (GPT-2 as it was), or auto (gpu on CUDA)"})
+    input: str = dataclasses.field(default="input.txt", metadata={"help": "training text (UTF-8): a file, a directory (its "
+                                                                       "*.txt and *.jsonl files) or a quoted glob"})
+    out_dir: str = dataclasses.field(default="out", metadata={"help": "where ckpt.pt and the token files are written and read"})
+    preset: str = dataclasses.field(default="auto", metadata={"help": "default settings: cpu, gpu, gpt2 (GPT-2 as it "
+                                                                       "was), or auto (gpu on CUDA)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
     seed: int = dataclasses.field(default=1337, metadata={"help": "random seed"})
     tokenizer: str = dataclasses.field(default="char", metadata={"help": "char, or bpe (tokenizer_bpe.py)"})
     vocab_size: int = dataclasses.field(default=512, metadata={"help": "BPE vocabulary size, with --tokenizer bpe"})
+    bpe_sample_mb: float = dataclasses.field(default=10.0, metadata={"help": "BPE learns its merges from the first this "
+                                                                             "many MB (million characters) of training text"})
     max_iters: int = dataclasses.field(default=2000, metadata={"help": "optimizer steps"})
     eval_interval: int = dataclasses.field(default=500, metadata={"help": "steps between evaluations and checkpoints"})
     eval_iters: int = dataclasses.field(default=20, metadata={"help": "batches per split in each evaluation"})
@@ -101,6 +117,8 @@ class TrainConfig:
     compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the model (eager if it fails)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue training from <out-dir>/ckpt.pt"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace a checkpoint in <out-dir>, else an error"})
+    init_from: str = dataclasses.field(default="", metadata={"help": "fine-tune: start from this checkpoint's weights and "
+                                                                    "tokenizer, with a fresh optimizer and schedule"})
     sample: bool = dataclasses.field(default=False, metadata={"help": "only sample from <out-dir>/ckpt.pt"})
     prompt: str = dataclasses.field(default="", metadata={"help": "text the sample continues; empty: start after a newline"})
     max_new_tokens: int = dataclasses.field(default=500, metadata={"help": "tokens to generate"})
@@ -111,6 +129,9 @@ class TrainConfig:
     bench_attention: bool = dataclasses.field(default=False, metadata={"help": "only time sdpa, math and flash attention "
                                                                                 "for T = 256 ... 16384 and measure their memory"})
     bench_mem_gib: float = dataclasses.field(default=6.0, metadata={"help": "memory cap of each --bench-attention case (GiB)"})
+    bench_data: int = dataclasses.field(default=0, metadata={"help": "only benchmark the data path on generated corpora of "
+                                                                     "10 MB up to this many MB: tokenize (char, BPE 4096), "
+                                                                     "train 50 steps, print MB/s and peak memory"})
     plot: bool = dataclasses.field(default=True, metadata={"help": "draw <out-dir>/loss.png from log.csv when training ends"})
     # experiments (section "Experiments" below): each replaces training with a study
     sweep: bool = dataclasses.field(default=False, metadata={"help": "scaling-law sweep: train every width at every budget"})
@@ -216,15 +237,6 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
 
-def build_tokenizer(text, cfg):
-    if cfg.tokenizer == "char":
-        return CharTokenizer("".join(sorted(set(text))))
-    import tokenizer_bpe  # only the BPE option needs it
-    tokenizer = tokenizer_bpe.BPETokenizer()
-    tokenizer.train(text[: int(0.9 * len(text))], cfg.vocab_size)  # the training split only: no peeking at val
-    return tokenizer
-
-
 def encode(tokenizer, text):
     """Token ids; with BPE, <|endoftext|> in the text is the special token that separates documents."""
     if isinstance(tokenizer, CharTokenizer):
@@ -246,24 +258,339 @@ def tokenizer_from_state(state):
     return tokenizer_bpe.BPETokenizer.from_dict(state["bpe"], "the checkpoint's tokenizer")
 
 
-def split_data(text, tokenizer, block_size, path):
-    """90 % of the text for training, the last 10 % for validation, each encoded on its own so that no
-    token straddles the cut; the validation split must hold at least one (x, y) window."""
-    cut = int(0.9 * len(text))
-    train = torch.tensor(encode(tokenizer, text[:cut]), dtype=torch.long)
-    val = torch.tensor(encode(tokenizer, text[cut:]), dtype=torch.long)
-    if len(val) <= block_size:
-        raise ValueError(f"{path}: the validation split has {len(val)} tokens but needs more than "
-                         f"block_size={block_size}; use a longer text or a smaller --block-size")
-    return train, val
-
-
 def get_batch(data, batch_size, block_size, generator, device):
-    """batch_size random windows: inputs x, and targets y that are x shifted one token on."""
+    """batch_size random windows: inputs x, and targets y that are x shifted one token on. data: the token
+    ids, a token file (only the windows are read from disk) or a tensor."""
     starts = torch.randint(len(data) - block_size, (batch_size, 1), generator=generator)  # (B, 1)
-    positions = starts + torch.arange(block_size)  # (B, T)
-    x, y = data[positions], data[positions + 1]  # (B, T), (B, T)
+    windows = data[(starts + torch.arange(block_size + 1)).numpy()]  # (B, T+1), read in one go
+    x, y = (torch.as_tensor(w, dtype=torch.long) for w in (windows[:, :-1], windows[:, 1:]))  # (B, T), (B, T)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+# ---- Data at scale: a corpus larger than memory -----------------------------------------------
+# The input (a file, a directory or a glob; a .txt file is one document, a .jsonl line another) is
+# read once, in pieces, and its token ids are appended to <out-dir>/train.bin and val.bin, a batch of
+# pieces at a time: memory holds one batch, whatever the corpus. Training reads its windows from
+# memory maps of the two files, so only the pages it touches are loaded; tokens.json, written last,
+# records what the files were built from, so that the next run with the same input and tokenizer
+# reuses them.
+
+PIECE_CHARS = 1 << 20  # characters read from a file at a time
+BATCH_CHARS = 1 << 24  # characters encoded at a time: enough pieces for every core, ~0.3 GB of ids at most
+
+
+def input_files(spec):
+    """--input as a sorted list of files: the file itself, every *.txt and *.jsonl file below a directory,
+    or the files a glob matches."""
+    if os.path.isdir(spec):
+        files = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
+                 if name.endswith((".txt", ".jsonl"))]
+        what = "no *.txt or *.jsonl file below this directory"
+    elif os.path.exists(spec):
+        files, what = [spec], ""
+    elif any(c in spec for c in "*?["):
+        files, what = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)], "the glob matches no file"
+    else:
+        files, what = [], "no such file"
+    if not files:
+        raise ValueError(f"{spec}: {what}; pass a text file, a directory or a quoted glob with --input")
+    if len(files) == 1 and os.path.getsize(files[0]) == 0:
+        raise ValueError(f"{files[0]}: file is empty; pass a text file with --input")
+    return sorted(files)
+
+
+def file_pieces(path):
+    """A text file in pieces of about PIECE_CHARS characters. Each piece but the last ends with a line
+    break that a non-space character follows: the GPT-4 split pattern never joins text across such a
+    place, so BPE encodes the pieces one by one into exactly the ids of the whole file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            carry = ""
+            while block := f.read(PIECE_CHARS):
+                text = carry + block
+                cut = text.rfind("\n", 0, len(text) - 1) + 1
+                while cut > 0 and text[cut].isspace():
+                    cut = text.rfind("\n", 0, cut - 1) + 1
+                if cut > 0:
+                    yield text[:cut]
+                carry = text[cut:]  # no such line break in it (rare: one long line): read on
+            if carry:
+                yield carry
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+
+
+def jsonl_texts(path):
+    """The documents of a JSON Lines file, one {"text": ...} per line; blank lines and empty texts skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise TypeError
+                if record["text"]:
+                    yield record["text"]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
+    except (ValueError, TypeError):
+        raise ValueError(f'{path}, line {number}: not a JSON object with a "text" string, as each line of a '
+                         '.jsonl file must be') from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+
+
+def documents(files):
+    """Every document of the input, each as an iterable of text pieces."""
+    for path in files:
+        if path.endswith(".jsonl"):
+            yield from ([text] for text in jsonl_texts(path))
+        elif os.path.getsize(path):
+            yield file_pieces(path)
+
+
+def validation_cut(files):
+    """A single text file validates on its last 10 % (the character where it starts, counted in one pass);
+    several documents on every tenth document (None)."""
+    if len(files) == 1 and not files[0].endswith(".jsonl"):
+        return int(0.9 * sum(map(len, file_pieces(files[0]))))
+    return None
+
+
+def split_pieces(files, cut):
+    """(split, piece, starts a document) for the whole input, in order. With a cut, the file's first cut
+    characters train and the rest validates; each part is encoded on its own, so no token straddles
+    the cut. Without, document i validates if i % 10 == 9: validation text is never trained on."""
+    if cut is not None:
+        done = 0
+        for piece in file_pieces(files[0]):
+            head, tail = piece[:max(0, cut - done)], piece[max(0, cut - done):]
+            if head:
+                yield "train", head, done == 0
+            if tail:
+                yield "val", tail, done <= cut
+            done += len(piece)
+        return
+    for i, pieces in enumerate(documents(files)):
+        for j, piece in enumerate(pieces):
+            yield "val" if i % 10 == 9 else "train", piece, j == 0
+
+
+class Progress:
+    """'tokenizing: 120.0 MB done, 35.2 MB/s' every few seconds, for a pass long enough to wonder about."""
+
+    def __init__(self, what, log, every=5.0):
+        self.what, self.log, self.every, self.done = what, log, every, 0
+        self.start = self.shown = time.perf_counter()
+
+    def add(self, n_bytes):
+        self.done += n_bytes
+        now = time.perf_counter()
+        if now - self.shown >= self.every:
+            self.log(f"{self.what}: {self.done / 1e6:,.1f} MB done, {self.done / 1e6 / (now - self.start):.1f} MB/s")
+            self.shown = now
+
+
+def build_tokenizer(files, cut, cfg, log=print):
+    """char: one token per character of the input (and the newline of the separator); BPE: merges learned
+    from the first bpe_sample_mb of the training text only, so that they never peek at validation."""
+    if cfg.tokenizer == "char":
+        chars, progress = set() if cut is not None else {"\n"}, Progress("finding the characters", log)
+        for _, piece, _ in split_pieces(files, cut):
+            chars.update(piece)
+            progress.add(len(piece))
+        return CharTokenizer("".join(sorted(chars)))
+    sample, size, limit = [], 0, int(cfg.bpe_sample_mb * 1e6)
+    for split, piece, starts in split_pieces(files, cut):
+        if size >= limit:
+            break
+        if split == "train":
+            sample.append(("\n" if starts and sample else "") + piece[:limit - size])
+            size += len(sample[-1])
+    import tokenizer_bpe  # only the BPE option needs it
+    t0 = time.perf_counter()
+    tokenizer = tokenizer_bpe.BPETokenizer()
+    tokenizer.train("".join(sample), cfg.vocab_size)
+    log(f"trained a BPE tokenizer of {len(tokenizer.vocab)} tokens in {time.perf_counter() - t0:.2f} s")
+    return tokenizer
+
+
+def batch_encoder(tokenizer, pool):
+    """A function from a list of text pieces to their ids, one after the other, as a numpy array.
+    Characters go through a lookup table indexed by code point; BPE through tiktoken (Rust), a piece per
+    thread of pool: tiktoken lets go of Python's lock while it encodes, and hands back numpy arrays."""
+    if isinstance(tokenizer, CharTokenizer):
+        table = np.full(0x110000, -1, dtype=np.int32)  # every Unicode code point -> its id; -1: not in the vocabulary
+        table[[ord(ch) for ch in tokenizer.chars]] = np.arange(len(tokenizer.chars))
+        return lambda pieces: char_ids("".join(pieces), table)
+    encoding = tokenizer.to_tiktoken()
+    return lambda pieces: np.concatenate(list(pool.map(
+        lambda piece: encoding.encode_to_numpy(piece, allowed_special="all"), pieces)))
+
+
+def char_ids(text, table):
+    """The ids of text's characters: ASCII text is its own bytes, any other is read as UTF-32 code points."""
+    ascii = text.isascii()
+    codes = np.frombuffer(text.encode("ascii" if ascii else "utf-32-le"), dtype=np.uint8 if ascii else np.uint32)
+    ids = table[codes]
+    if (ids < 0).any():
+        unknown = chr(codes[np.argmax(ids < 0)])
+        raise ValueError(f"character {unknown!r} of --input is not in the vocabulary of this character-level model; "
+                         "remove it from the text, or use a --tokenizer bpe model, which encodes any text")
+    return ids
+
+
+class TokenWriter:
+    """Appends the ids of one split's text to its file, a batch of pieces at a time. A document after the
+    first starts with a separator: <|endoftext|> with BPE, a blank line with characters."""
+
+    def __init__(self, path, encode, dtype, bpe):
+        self.file, self.encode, self.dtype, self.bpe = open(path, "wb"), encode, dtype, bpe
+        self.pending, self.pending_chars, self.last_char = [], 0, ""
+        self.tokens = self.characters = self.bytes = self.documents = 0  # of the documents, separators not counted
+
+    def add(self, piece, starts_document, n_bytes):
+        self.characters += len(piece)
+        self.bytes += n_bytes
+        if starts_document:
+            if self.documents:
+                piece = ("<|endoftext|>" if self.bpe else "\n" if self.last_char == "\n" else "\n\n") + piece
+            self.documents += 1
+        self.last_char = piece[-1]
+        self.pending.append(piece)
+        self.pending_chars += len(piece)
+        if self.pending_chars >= BATCH_CHARS:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            ids = self.encode(self.pending)
+            ids.astype(self.dtype).tofile(self.file)
+            self.tokens += len(ids)
+            self.pending, self.pending_chars = [], 0
+
+
+def input_fingerprint(files):
+    """What token files are built from: each input file's path, size and modification time, hashed."""
+    stats = [(os.path.abspath(p), s.st_size, s.st_mtime_ns) for p in files for s in [os.stat(p)]]
+    return hashlib.sha256(json.dumps(stats).encode("utf-8")).hexdigest()
+
+
+def prepare_token_files(cfg, tokenizer, log):
+    """Make <out-dir>/train.bin and val.bin hold the input's ids, unless tokens.json shows that they already
+    do: the same input files and either this tokenizer (resuming, fine-tuning) or, for a new one, the
+    same recipe. Otherwise tokens.json goes first, the files are written under temporary names and
+    renamed, and tokens.json comes last: an interrupted build leaves nothing that looks whole."""
+    files = input_files(cfg.input)
+    recipe = {"tokenizer": cfg.tokenizer, **({"vocab_size": cfg.vocab_size, "bpe_sample_mb": cfg.bpe_sample_mb}
+                                              if cfg.tokenizer == "bpe" else {})}
+    meta_path = os.path.join(cfg.out_dir, "tokens.json")
+    if token_files_current(read_token_meta(cfg.out_dir), cfg.out_dir, files, recipe, tokenizer):
+        log(f"token files in {cfg.out_dir} are up to date (same input, same tokenizer): reused")
+        return
+    with suppress(FileNotFoundError):
+        os.remove(meta_path)
+    t0 = time.perf_counter()
+    cut = validation_cut(files)
+    tokenizer = tokenizer or build_tokenizer(files, cut, cfg, log)
+    meta = write_token_files(files, cut, tokenizer, cfg.out_dir, log)
+    meta.update(version=1, input=cfg.input, fingerprint=input_fingerprint(files), recipe=recipe,
+                tokenizer=tokenizer_state(tokenizer), seconds=round(time.perf_counter() - t0, 3))
+    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    os.replace(meta_path + ".tmp", meta_path)
+    log(f"tokenized {meta['bytes']:,} bytes in {meta['seconds']:.2f} s ({meta['bytes'] / 1e6 / meta['seconds']:.1f} "
+        f"MB/s) into {os.path.join(cfg.out_dir, 'train.bin')} and val.bin")
+
+
+def token_files_current(meta, out_dir, files, recipe, tokenizer):
+    """Whether tokens.json vouches for train.bin and val.bin as the ids of these files by this tokenizer
+    (or, when there is none yet, by this recipe), and both files have the size it says."""
+    if not meta or meta["fingerprint"] != input_fingerprint(files):
+        return False
+    if (meta["tokenizer"] != json.loads(json.dumps(tokenizer_state(tokenizer)))) if tokenizer else (meta["recipe"] != recipe):
+        return False
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
+    return all(os.path.isfile(path) and os.path.getsize(path) == meta[split]["tokens"] * itemsize
+               for split, path in paths.items())
+
+
+def write_token_files(files, cut, tokenizer, out_dir, log):
+    """Encode the input into train.bin and val.bin (uint16 ids when the vocabulary fits, else uint32)."""
+    dtype = np.uint16 if len(tokenizer.vocab) <= 2**16 else np.uint32
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+    encode, bpe = batch_encoder(tokenizer, pool), not isinstance(tokenizer, CharTokenizer)
+    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
+    writers, progress, done = {}, Progress("tokenizing", log), False
+    try:
+        writers = {split: TokenWriter(path + ".tmp", encode, dtype, bpe) for split, path in paths.items()}
+        for split, piece, starts in split_pieces(files, cut):
+            n_bytes = len(piece.encode("utf-8"))
+            writers[split].add(piece, starts, n_bytes)
+            progress.add(n_bytes)
+        for writer in writers.values():
+            writer.flush()
+        done = True
+    finally:
+        pool.shutdown()
+        for split, writer in writers.items():
+            writer.file.close()
+            if done:
+                os.replace(paths[split] + ".tmp", paths[split])
+            else:
+                with suppress(OSError):
+                    os.remove(paths[split] + ".tmp")
+    return {"dtype": np.dtype(dtype).name, "unit": "byte" if bpe else "char", "bytes": progress.done,
+            "validation": "last 10 %" if cut is not None else "every tenth document",
+            **{split: {"tokens": w.tokens, "characters": w.characters, "bytes": w.bytes, "documents": w.documents}
+               for split, w in writers.items()}}
+
+
+class TokenFile:
+    """A token file as an array of ids through a memory map: reading a window loads only the pages it
+    touches. Touched pages would stay counted as the process's memory, though, and the page cache
+    hands them out up to 2 MB at a time (4,000 batches of a 2 GB file: 1.8 GB), so each read gives
+    them back (madvise; they stay cached, so reading them again is still fast). Without madvise
+    (Windows), they stay."""
+
+    def __init__(self, path, dtype):
+        with open(path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.ids = np.frombuffer(self.map, dtype=dtype)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        ids = np.array(self.ids[index])  # a copy, which outlives the pages
+        if hasattr(self.map, "madvise"):
+            self.map.madvise(mmap.MADV_DONTNEED)
+        return ids
+
+
+def read_token_meta(out_dir):
+    """tokens.json, or None if there is none (or it is unreadable, or of another version)."""
+    try:
+        with open(os.path.join(out_dir, "tokens.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        return meta if meta.get("version") == 1 else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def open_token_files(cfg, block_size):
+    """tokens.json, train.bin and val.bin; each split must hold at least one (x, y) window."""
+    meta = read_token_meta(cfg.out_dir)
+    for split, name in (("train", "training"), ("val", "validation")):
+        if meta[split]["tokens"] <= block_size:
+            hint = " (every tenth document validates: give at least ten)" if meta["validation"] != "last 10 %" else ""
+            raise ValueError(f"{cfg.input}: the {name} split has {meta[split]['tokens']} tokens but needs more than "
+                             f"block_size={block_size}{hint}; use a longer text or a smaller --block-size")
+    return meta, *(TokenFile(os.path.join(cfg.out_dir, f"{split}.bin"), meta["dtype"]) for split in ("train", "val"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -934,8 +1261,8 @@ def _train(cfg, model_cfg, given):
         if master and not print_line(line):
             stop.update(requested=True, why="stdout closed")
 
-    # 1) data and tokenizer (from the checkpoint when resuming, so the ids mean the same)
-    ckpt = None
+    # 1) data and tokenizer (from the checkpoint when resuming or fine-tuning, so the ids mean the same)
+    ckpt, model, tokenizer = None, None, None
     if cfg.resume:
         ckpt, model = load_checkpoint(ckpt_path, device, model_cfg.attention if "attention" in given else None)
         saved = TrainConfig(**ckpt["train_config"])
@@ -944,22 +1271,26 @@ def _train(cfg, model_cfg, given):
         cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
         model_cfg = model.cfg
         tokenizer = tokenizer_from_state(ckpt["tokenizer"])
-    text = read_text(cfg.input)
-    if ckpt is None:
-        t0 = time.perf_counter()
-        tokenizer = build_tokenizer(text, cfg)
+    elif cfg.init_from:
+        model, tokenizer = load_for_fine_tuning(cfg, model_cfg, given, device)
+        model_cfg = model.cfg
+        log(f"fine-tuning {cfg.init_from}: its weights and tokenizer, a fresh optimizer and schedule")
+    if master:
+        prepare_token_files(cfg, tokenizer, log)
+    if world_size > 1:
+        dist.barrier()  # the other ranks wait for rank 0's token files, then all map the same files
+    meta, train_data, val_data = open_token_files(cfg, model_cfg.block_size)
+    if model is None:
+        tokenizer = tokenizer_from_state(meta["tokenizer"])
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.vocab))
-        if cfg.tokenizer == "bpe":
-            log(f"trained a BPE tokenizer of {model_cfg.vocab_size} tokens in {time.perf_counter() - t0:.2f} s")
         model = GPT(model_cfg).to(device)
-    train_data, val_data = split_data(text, tokenizer, model_cfg.block_size, cfg.input)
     # Loss is in nats per token; bits per character (char) or per byte (BPE) compare across tokenizers.
-    unit = "char" if isinstance(tokenizer, CharTokenizer) else "byte"
-    val_text = text[int(0.9 * len(text)):]
-    units = len(val_text) if unit == "char" else len(val_text.encode("utf-8"))
-    bits_per_unit = len(val_data) / units / math.log(2)  # multiply a loss in nats/token by this
-    log(f"{len(text):,} characters, {len(train_data):,} train and {len(val_data):,} val tokens, "
-        f"vocab {model_cfg.vocab_size}")
+    unit = meta["unit"]
+    bits_per_unit = len(val_data) / meta["val"]["characters" if unit == "char" else "bytes"] / math.log(2)
+    n_docs = meta["train"]["documents"] + meta["val"]["documents"]
+    docs = f"{n_docs:,} documents, " if meta["validation"] != "last 10 %" else ""
+    log(f"{docs}{meta['train']['characters'] + meta['val']['characters']:,} characters, {len(train_data):,} train "
+        f"and {len(val_data):,} val tokens, vocab {model_cfg.vocab_size}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params:,} parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
         f"{model_cfg.n_embd} wide, block {model_cfg.block_size}) on {device}")
@@ -1064,17 +1395,25 @@ def _train(cfg, model_cfg, given):
         dist.barrier()  # rank 0 may still be evaluating: tearing down gloo under it aborts the process
         dist.destroy_process_group()
     if master and cfg.plot:
-        title = f"{n_params / 1e6:.2f} M parameters ({model_cfg.n_layer} layers, {model_cfg.n_embd} wide) on {os.path.basename(cfg.input)}"
+        title = f"{n_params / 1e6:.2f} M parameters ({model_cfg.n_layer} layers, {model_cfg.n_embd} wide) on {os.path.basename(os.path.normpath(cfg.input))}"
         plot_losses(csv_log.path, os.path.join(cfg.out_dir, "loss.png"), title)
     if master and not stopping and cfg.max_new_tokens > 0:
         print_sample(raw_model, tokenizer, cfg, device)
     return raw_model
 
 
-def check_unchanged(given, flags, saved):
+def load_for_fine_tuning(cfg, model_cfg, given, device):
+    """The --init-from checkpoint's model and tokenizer; model flags given must agree with it."""
+    ckpt, model = load_checkpoint(cfg.init_from, device, model_cfg.attention if "attention" in given else None)
+    check_unchanged(given, (model_cfg, cfg), (model.cfg, TrainConfig(**ckpt["train_config"])),
+                    "when fine-tuning (--init-from)")
+    return model, tokenizer_from_state(ckpt["tokenizer"])
+
+
+def check_unchanged(given, flags, saved, when="on --resume"):
     """Resuming is the same command again plus --resume, so flags may be given again; but those that fix
-    the model or its tokens must keep the checkpoint's values. flags, saved: (model config, run config)
-    from the command line and from the checkpoint."""
+    the model or its tokens must keep the checkpoint's values (when fine-tuning too). flags, saved:
+    (model config, run config) from the command line and from the checkpoint."""
     (model_flags, run_flags), (model_saved, run_saved) = flags, saved
     fixed = [(f.name, model_flags, model_saved) for f in dataclasses.fields(GPTConfig) if "help" in f.metadata]
     fixed.append(("tokenizer", run_flags, run_saved))
@@ -1083,7 +1422,7 @@ def check_unchanged(given, flags, saved):
     for name, new, old in fixed:
         if name in given and getattr(new, name) != getattr(old, name):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(new, name)} differs from the checkpoint's "
-                             f"{getattr(old, name)}, and cannot change on --resume: leave it out, or train anew "
+                             f"{getattr(old, name)}, and cannot change {when}: leave it out, or train anew "
                              "into another --out-dir")
 
 
@@ -1428,6 +1767,73 @@ def start_counting_memory(gib):
 
 
 # ----------------------------------------------------------------------------------------------
+# Experiment: the data path at scale (--bench-data): memory flat in the corpus size, time linear in it
+# ----------------------------------------------------------------------------------------------
+
+def bench_data(cfg, keep):
+    """Generated corpora of 10 MB, 100 MB, ... up to --bench-data MB, each tokenized with characters and
+    with BPE 4096 and then trained on for 50 steps, each case in a fresh process so that its peak memory
+    (RSS) is its own. Everything is written into --out-dir when one is given (and kept, so the corpora
+    are made once), else into a temporary directory, removed at the end."""
+    root = cfg.out_dir if keep else tempfile.mkdtemp(prefix="gpt-bench-data-")
+    sizes = sorted({*(10 ** k for k in range(1, 7) if 10 ** k < cfg.bench_data), cfg.bench_data})
+    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    print(f"data path: corpora of 1 MB files (speeches of input.txt in random order) in {root}; each case "
+          f"tokenizes, then trains the cpu preset's model 50 steps ({os.cpu_count()} cores{load})")
+    print(f"{'MB':>6} {'tokenizer':>9} {'tokenize s':>10} {'MB/s':>6} {'BPE train s':>11} {'50 steps s':>10} {'peak RSS MiB':>12}")
+    cases = []
+    try:
+        for mb in sizes:
+            corpus = make_corpus(os.path.join(root, f"corpus-{mb}mb"), mb)
+            for tokenizer in ("char", "bpe"):
+                case = bench_data_case(corpus, tokenizer, os.path.join(root, f"run-{mb}mb-{tokenizer}"))
+                cases.append(case)
+                print(f"{mb:>6} {tokenizer:>9} {case['tokenize']:>10.1f} {case['mb'] / case['tokenize']:>6.1f} "
+                      f"{case['bpe_train']:>11.1f} {case['train']:>10.1f} {case['peak'] / 2**20:>12.0f}", flush=True)
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    slowest = min(case["mb"] / case["tokenize"] for case in cases)
+    largest = max(case["peak"] for case in cases) / 2**30
+    print(f"slowest tokenization: {slowest:.1f} MB/s (target: 20 or more): {'met' if slowest >= 20 else 'MISSED'}")
+    print(f"largest peak RSS: {largest:.2f} GiB (target: under 1.5): {'met' if largest < 1.5 else 'MISSED'}")
+    return cases
+
+
+def make_corpus(path, mb, seed=0):
+    """mb files of about 1 MB, each of speeches of input.txt drawn at random: real words in new orders,
+    so BPE meets text like a corpus's, not one file repeated. Written once, under a temporary name."""
+    if not os.path.isdir(path):
+        speeches = read_text(os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")).split("\n\n")
+        per_file = 10**6 * len(speeches) // sum(len(speech) + 2 for speech in speeches)
+        rng, tmp = random.Random(seed), path + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        for i in range(mb):
+            with open(os.path.join(tmp, f"{i:05d}.txt"), "w", encoding="utf-8") as f:
+                f.write("\n\n".join(rng.choices(speeches, k=per_file)) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+def bench_data_case(corpus, tokenizer, out_dir):
+    """One run of gpt.py in a fresh Python: tokenize the corpus anew, train 50 steps; times and peak RSS."""
+    shutil.rmtree(out_dir, ignore_errors=True)  # no token files to reuse: the case measures building them
+    argv = ["--input", corpus, "--tokenizer", tokenizer, "--vocab-size", "4096", "--max-iters", "50", "--out-dir",
+            out_dir, "--preset", "cpu", "--device", "cpu", "--no-plot", "--max-new-tokens", "0"]
+    code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); import gpt; t0 = time.perf_counter(); "
+            "gpt.main(sys.argv[2:]); print(json.dumps({'seconds': time.perf_counter() - t0, 'peak': gpt.peak_rss()}))")
+    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), *argv],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"--bench-data: the {tokenizer} run on {corpus} failed: "
+                         f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    result, meta = json.loads(done.stdout.strip().splitlines()[-1]), read_token_meta(out_dir)
+    bpe_train = re.search(r"^trained a BPE tokenizer of \d+ tokens in ([\d.]+) s$", done.stdout, re.M)
+    return dict(mb=meta["bytes"] / 1e6, tokenize=meta["seconds"], train=result["seconds"] - meta["seconds"],
+                bpe_train=float(bpe_train.group(1)) if bpe_train else 0.0, peak=result["peak"])
+
+
+# ----------------------------------------------------------------------------------------------
 # Experiments: loss curves, a scaling-law sweep, what the embeddings learned
 # ----------------------------------------------------------------------------------------------
 
@@ -1480,15 +1886,17 @@ def fit_line(x, y):
 
 def parabola_minimum(log_n, loss):
     """Vertex of the least-squares parabola loss = a·u² + b·u + c, u = log N: (log N*, loss at N*).
-    If the points do not curve upwards, the best measured point."""
-    u = torch.tensor(log_n, dtype=torch.float64)
-    a, b, c = torch.linalg.lstsq(torch.stack([u * u, u, torch.ones_like(u)], 1),
-                                 torch.tensor(loss, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
-    if a <= 0:
-        best = min(range(len(loss)), key=loss.__getitem__)
-        return log_n[best], loss[best]
-    u_star = -b / (2 * a)
-    return u_star, a * u_star ** 2 + b * u_star + c
+    With fewer than 3 points (any parabola fits two), or points that do not curve upwards, the best
+    measured point."""
+    if len(loss) >= 3:
+        u = torch.tensor(log_n, dtype=torch.float64)
+        a, b, c = torch.linalg.lstsq(torch.stack([u * u, u, torch.ones_like(u)], 1),
+                                     torch.tensor(loss, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
+        if a > 0:
+            u_star = -b / (2 * a)
+            return u_star, a * u_star ** 2 + b * u_star + c
+    best = min(range(len(loss)), key=loss.__getitem__)
+    return log_n[best], loss[best]
 
 
 def fit_scaling_law(runs):
@@ -1532,12 +1940,18 @@ def sweep_run(cfg, m, budget, run_dir):
                 steps=steps, tokens=last_eval["tokens"], val_loss=last_eval["val_loss"], seconds=seconds)
 
 
+def experiment_vocab_size(cfg):
+    """The vocabulary size each run of an experiment will get from its tokenizer."""
+    files = input_files(cfg.input)
+    return len(build_tokenizer(files, validation_cut(files), cfg, log=lambda line: None).vocab)
+
+
 def scaling_sweep(cfg, model_cfg):
     """Every width at every budget; one CSV row per run in <out-dir>/sweep.csv (finished runs are skipped,
     so an interrupted sweep continues), then the fit and sweep.png."""
     budgets = [float(b) for b in cfg.sweep_budgets.split(",")]
     widths = [int(w) for w in cfg.sweep_widths.split(",")]
-    vocab_size = len(build_tokenizer(read_text(cfg.input), cfg).vocab)  # as each run's train() will build it
+    vocab_size = experiment_vocab_size(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     csv_path = os.path.join(cfg.out_dir, "sweep.csv")
     columns = ["flops", "width", "n", "params", "steps", "tokens", "val_loss", "seconds"]
@@ -1730,7 +2144,7 @@ def ablation(cfg, model_cfg):
     the same time (as many steps as the row takes in the time GPT-2 takes for --max-iters). One CSV row per
     run in <out-dir>/ablation.csv (finished runs are skipped: an interrupted ablation continues)."""
     rows, seeds = ABLATIONS[cfg.ablation], [int(s) for s in cfg.ablation_seeds.split(",")]
-    m = dataclasses.replace(model_cfg, vocab_size=len(build_tokenizer(read_text(cfg.input), cfg).vocab))
+    m = dataclasses.replace(model_cfg, vocab_size=experiment_vocab_size(cfg))
     variants = [with_settings(cfg, m, settings) for _, settings in rows]
     per_step = step_times(variants) if cfg.ablation == "options" else [math.nan] * len(rows)  # depth: same cost
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1845,6 +2259,8 @@ def config_problem(m, c):
         return f"--bench-mem-gib must be positive, got {c.bench_mem_gib}"
     if c.ablation not in ("", *ABLATIONS):
         return f"--ablation {c.ablation!r}: choose options or depth"
+    if not 0 < c.bpe_sample_mb < math.inf or c.bench_data < 0:
+        return "--bpe-sample-mb must be positive and --bench-data not negative"
     if c.device not in ("auto", "cpu", "cuda", "mps"):
         return f"--device {c.device!r}: choose auto, cpu, cuda or mps"
     return None
@@ -1855,6 +2271,8 @@ def main(argv=None):
     model_cfg, cfg, given = parse_args(argv)
     if cfg.bench_attention:
         bench_attention(pick_device(cfg.device), cfg.bench_mem_gib)
+    elif cfg.bench_data:
+        bench_data(cfg, "out_dir" in given)
     elif cfg.sample:
         sample(cfg, given, model_cfg.attention if "attention" in given else None)
     elif cfg.sweep:

@@ -18,6 +18,7 @@ import types
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import regex
 import tiktoken
@@ -763,6 +764,7 @@ def run_gpt(args, cwd, check=True, timeout=120):
     return result
 
 
+RUN_FILES = ["ckpt.pt", "log.csv", "tokens.json", "train.bin", "val.bin"]  # what a training run leaves in --out-dir
 TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
               "--eval-iters", "2", "--warmup-iters", "2", "--device", "cpu", "--no-plot"]  # drawing: its own test
 
@@ -1429,14 +1431,29 @@ def test_gpt_batches_are_windows_with_targets_shifted_by_one():
     assert set(x[:, 0].tolist()) == {0, 3, 6, 9}  # every start, up to the last full window
 
 
-def test_gpt_validation_is_the_last_tenth_and_the_tokenizer_never_sees_it():
+def token_files(tmp_path, text_or_files, given_tokenizer=None, **train_cfg):
+    """Token files of a text (written to t.txt) or of an --input, in tmp_path/out, made by gpt.py's own
+    prepare_token_files: (tokenizer, train ids, val ids, the lines it logged)."""
+    if isinstance(text_or_files, str) and not os.path.exists(text_or_files):
+        (tmp_path / "t.txt").write_text(text_or_files, encoding="utf-8")
+        text_or_files = str(tmp_path / "t.txt")
+    cfg = gpt.TrainConfig(input=text_or_files, out_dir=str(tmp_path / "out"), **train_cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    logged = []
+    gpt.prepare_token_files(cfg, given_tokenizer, logged.append)
+    meta = gpt.read_token_meta(cfg.out_dir)
+    ids = [np.fromfile(os.path.join(cfg.out_dir, f"{split}.bin"), dtype=meta["dtype"]).tolist() for split in ("train", "val")]
+    return gpt.tokenizer_from_state(meta["tokenizer"]), *ids, logged
+
+
+def test_gpt_validation_is_the_last_tenth_and_the_tokenizer_never_sees_it(tmp_path):
     text = "ab ab " * 150 + "xy" * 50  # 1000 characters: the last 100 are validation
-    train, val = gpt.split_data(text, gpt.CharTokenizer(" abxy"), 8, "t.txt")
-    assert train.tolist() == gpt.CharTokenizer(" abxy").encode(text[:900]) and val.tolist() == [3, 4] * 50
-    tokenizer = gpt.build_tokenizer(text, gpt.TrainConfig(tokenizer="bpe", vocab_size=270))
+    tokenizer, train, val, _ = token_files(tmp_path, text)
+    assert tokenizer.chars == " abxy"  # the characters of all the text, validation's too
+    assert train == tokenizer.encode(text[:900]) and val == [3, 4] * 50
+    tokenizer, train, val, _ = token_files(tmp_path, text, tokenizer="bpe", vocab_size=270)
     assert tokenizer.merges and not any(b"x" in tokenizer.vocab[i] or b"y" in tokenizer.vocab[i] for i in tokenizer.merges.values())
-    train, val = gpt.split_data(text, tokenizer, 8, "t.txt")
-    assert tokenizer.decode(train.tolist()) == text[:900] and tokenizer.decode(val.tolist()) == text[900:]
+    assert train == tokenizer.encode(text[:900]) and val == tokenizer.encode(text[900:])
 
 
 def test_char_tokenizer_round_trip_and_unknown_character():
@@ -1644,15 +1661,14 @@ def torchrun_gpt(args, cwd, logs):
     return printed[0, "stdout"], printed[1, "stdout"]
 
 
-def data_parallel_steps(ckpt_path, text, flags, world_size):
+def data_parallel_steps(ckpt_path, data, flags, world_size):
     """What DDP training should do from a checkpoint, written out in one process: at each step every
-    rank draws grad_accum micro-batches from its own generator, and the update uses the mean over
-    the ranks of each rank's mean loss. Returns each rank's loss at the last step."""
+    rank draws grad_accum micro-batches of data from its own generator, and the update uses the mean
+    over the ranks of each rank's mean loss. Returns each rank's loss at the last step."""
     _, cfg, _ = gpt.parse_args(flags)
     ckpt, model = gpt.load_checkpoint(ckpt_path, "cpu")
     optimizer = gpt.make_optimizer(model.train(), cfg, "cpu")
     optimizer.load_state_dict(ckpt["optimizer"])
-    data = torch.tensor(gpt.CharTokenizer("".join(sorted(set(text)))).encode(text[: int(0.9 * len(text))]))
     for step in range(ckpt["step"], cfg.max_iters):
         for group in optimizer.param_groups:
             group["lr"] = gpt.learning_rate(step, cfg)
@@ -1669,8 +1685,9 @@ def data_parallel_steps(ckpt_path, text, flags, world_size):
 
 
 def test_gpt_data_parallel_with_torchrun_on_cpu(tmp_path):
-    """Two processes, gloo backend: different batches per rank, one averaged loss, one checkpoint;
-    and a resumed run continues exactly as data-parallel training from the saved state should."""
+    """Two processes, gloo backend: different batches per rank, one averaged loss, one checkpoint, one set
+    of token files (rank 0 writes them, both map them); and a resumed run, which reuses them, continues
+    exactly as data-parallel training from the saved state and the memory-mapped tokens should."""
     (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     flags = ["--input", "tiny.txt", *TINY_FLAGS, "--eval-interval", "3", "--log-interval", "3", "--grad-accum", "2",
              "--max-new-tokens", "0", "--out-dir", "ddp"]
@@ -1678,10 +1695,13 @@ def test_gpt_data_parallel_with_torchrun_on_cpu(tmp_path):
     first = torchrun_gpt([*flags, "--max-iters", "3"], tmp_path, tmp_path / "logs_first")
     check_gpt_log(first[0], SHAKESPEARE_BIT, gpt.CharTokenizer("".join(sorted(set(SHAKESPEARE_BIT)))),
                   [*flags, "--max-iters", "3"], world_size=2)  # tokens/s counts both ranks
-    assert sorted(os.listdir(tmp_path / "ddp")) == ["ckpt.pt", "log.csv"]
+    assert sorted(os.listdir(tmp_path / "ddp")) == RUN_FILES
+    _, train = gpt.open_token_files(gpt.TrainConfig(input="tiny.txt", out_dir=str(tmp_path / "ddp")), 16)[:2]
+    chars = "".join(sorted(set(SHAKESPEARE_BIT)))
+    assert train[:].tolist() == gpt.CharTokenizer(chars).encode(SHAKESPEARE_BIT[: int(0.9 * len(SHAKESPEARE_BIT))])
     shutil.copy(tmp_path / "ddp" / "ckpt.pt", tmp_path / "step3.pt")
     resumed = torchrun_gpt([*flags, "--max-iters", "6", "--resume"], tmp_path, tmp_path / "logs_resumed")
-    assert "step 6: train loss" in resumed[0]
+    assert "step 6: train loss" in resumed[0] and "are up to date (same input, same tokenizer): reused" in resumed[0]
     for (out_0, out_1), step in ((first, 3), (resumed, 6)):
         # rank 1 prints one line only: rank 0 alone logs, evaluates and saves
         (local_0, reduced_0), = re.findall(finished.format(0, step), out_0, re.M)
@@ -1689,7 +1709,7 @@ def test_gpt_data_parallel_with_torchrun_on_cpu(tmp_path):
         assert local_0 != local_1  # each rank drew its own batches
         assert reduced_0 == reduced_1  # and the all-reduce made them agree
         assert abs(float(reduced_0) - (float(local_0) + float(local_1)) / 2) < 2e-6
-    expected = data_parallel_steps(str(tmp_path / "step3.pt"), SHAKESPEARE_BIT, [*flags, "--max-iters", "6"], 2)
+    expected = data_parallel_steps(str(tmp_path / "step3.pt"), train, [*flags, "--max-iters", "6"], 2)
     assert [float(local_0), float(local_1)] == pytest.approx(expected, abs=1e-5)
 
 
@@ -1804,6 +1824,7 @@ def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     (["--optimizer", "sgd"], "--optimizer 'sgd': choose adamw or muon"),
     (["--softcap", "-1"], "--softcap must be a finite number >= 0"),
     (["--muon-lr", "0"], "--muon-lr must be positive"),
+    (["--bpe-sample-mb", "0"], "--bpe-sample-mb must be positive and --bench-data not negative"),
     (["--block-size", "many"], "argument --block-size: invalid int value: 'many'"),
 ])
 def test_gpt_bad_flag_values_are_argparse_errors(flags, message, capsys):
@@ -1816,7 +1837,7 @@ def test_gpt_bad_flag_values_are_argparse_errors(flags, message, capsys):
 def test_gpt_script_prints_errors_as_one_line_without_traceback(tmp_path):
     result = run_gpt(["--input", "missing.txt"], tmp_path, check=False)
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: missing.txt: no such file; pass a text file with --input"
+    assert result.stderr.strip() == "error: missing.txt: no such file; pass a text file, a directory or a quoted glob with --input"
 
 
 def test_gpt_script_with_the_bpe_tokenizer(tmp_path, monkeypatch, capsys):
@@ -1839,6 +1860,189 @@ def test_gpt_script_with_the_bpe_tokenizer(tmp_path, monkeypatch, capsys):
     gpt.main(["--sample", "--prompt", "Ωmega 😀 ALL:", "--max-new-tokens", "10"])
     sample = capsys.readouterr().out
     assert sample.startswith("Ωmega 😀 ALL:") and "generated 10 tokens" in sample
+
+
+# ---- data at scale: corpora of many documents, token files, fine-tuning ----
+
+def corpus_dir(root):
+    """A directory of documents: two text files (one in a subfolder, one without a final newline), a
+    JSON Lines file of two (its blank line and empty text skipped), and a file that is not input.
+    Returns the documents in the order gpt.py reads them."""
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("ALL:\nSpeak.\n", encoding="utf-8")
+    (root / "sub" / "b.txt").write_text("KENT:\nNo line break at the end", encoding="utf-8")
+    (root / "c.jsonl").write_text('{"text": "first doc"}\n\n{"text": ""}\n{"text": "second\\ndoc", "id": 7}\n',
+                                  encoding="utf-8")
+    (root / "notes.md").write_text("not input", encoding="utf-8")
+    return ["ALL:\nSpeak.\n", "first doc", "second\ndoc", "KENT:\nNo line break at the end"]
+
+
+def test_directory_glob_and_jsonl_inputs_give_documents_and_separators(tmp_path):
+    docs = corpus_dir(tmp_path / "corpus")
+    files = gpt.input_files(str(tmp_path / "corpus"))
+    assert files == [str(tmp_path / "corpus" / name) for name in ("a.txt", "c.jsonl", os.path.join("sub", "b.txt"))]
+    assert ["".join(pieces) for pieces in gpt.documents(files)] == docs
+    assert gpt.input_files(str(tmp_path / "corpus" / "**" / "*.txt")) == [files[0], files[2]]
+    # characters: a blank line between documents (a newline first where a document lacks its last one)
+    tokenizer, train, val, _ = token_files(tmp_path, str(tmp_path / "corpus"))
+    assert val == []  # fewer than ten documents: none validates
+    assert tokenizer.decode(train) == "ALL:\nSpeak.\n\nfirst doc\n\nsecond\ndoc\n\nKENT:\nNo line break at the end"
+    # BPE: <|endoftext|> between documents, one token each; a single JSON Lines file is documents too
+    tokenizer, train, _, _ = token_files(tmp_path, str(tmp_path / "corpus"), tokenizer="bpe", vocab_size=260)
+    assert train.count(tokenizer.special_tokens["<|endoftext|>"]) == 3 and tokenizer.decode(train) == "<|endoftext|>".join(docs)
+    tokenizer, train, _, _ = token_files(tmp_path, files[1], tokenizer="bpe", vocab_size=260)
+    assert tokenizer.decode(train) == "first doc<|endoftext|>second\ndoc"
+
+
+TRICKY_SPACES = "A line.  \n\n  Indented \n \nNext\n\n\n\tword's end\nÉlan vital, naïve café\n "
+
+
+def test_token_files_hold_the_whole_texts_ids_and_mapped_batches_equal_in_memory_ones(tmp_path, monkeypatch):
+    """Read in pieces of 7 characters and encoded 50 at a time, the ids are those of the text encoded
+    whole; batches drawn from the memory maps equal those drawn from the ids in memory."""
+    monkeypatch.setattr(gpt, "PIECE_CHARS", 7)
+    monkeypatch.setattr(gpt, "BATCH_CHARS", 50)
+    text = (SHAKESPEARE_BIT[:300] + TRICKY_SPACES) * 4
+    cut = int(0.9 * len(text))
+    for flags in ({}, {"tokenizer": "bpe", "vocab_size": 300}):
+        tokenizer, train, val, _ = token_files(tmp_path, text, **flags)
+        assert train == gpt.encode(tokenizer, text[:cut]) and val == gpt.encode(tokenizer, text[cut:]), flags
+        meta, *maps = gpt.open_token_files(gpt.TrainConfig(input="t.txt", out_dir=str(tmp_path / "out")), 16)
+        assert meta["dtype"] == "uint16" and [type(m) for m in maps] == [gpt.TokenFile, gpt.TokenFile]
+        for mapped, ids in zip(maps, (train, val)):
+            for seed in range(3):
+                from_disk = gpt.get_batch(mapped, 8, 16, torch.Generator().manual_seed(seed), "cpu")
+                in_memory = gpt.get_batch(torch.tensor(ids), 8, 16, torch.Generator().manual_seed(seed), "cpu")
+                assert all(torch.equal(a, b) and a.dtype == torch.long for a, b in zip(from_disk, in_memory))
+
+
+def test_token_files_are_reused_and_rebuilt_after_the_input_or_the_tokenizer_changes(tmp_path):
+    path = str(tmp_path / "t.txt")
+    tokenizer, train, _, logged = token_files(tmp_path, SHAKESPEARE_BIT)
+    assert logged[0].startswith("tokenized ")
+    built = (tmp_path / "out" / "train.bin").stat().st_mtime_ns
+    reused = [f"token files in {tmp_path / 'out'} are up to date (same input, same tokenizer): reused"]
+    assert token_files(tmp_path, path)[1:] == (train, token_files(tmp_path, path)[2], reused)
+    assert token_files(tmp_path, path, given_tokenizer=tokenizer)[3] == reused  # resuming with the same tokenizer
+    assert (tmp_path / "out" / "train.bin").stat().st_mtime_ns == built
+    # rebuilt after: the text changed, a new tokenizer recipe, another tokenizer given
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("ALL:\nAmen.\n")
+    _, _, val, logged = token_files(tmp_path, path)
+    assert logged[0].startswith("tokenized ") and tokenizer.decode(val).endswith("ALL:\nAmen.\n")
+    assert token_files(tmp_path, path, tokenizer="bpe", vocab_size=270)[3][-1].startswith("tokenized ")
+    assert token_files(tmp_path, path, given_tokenizer=gpt.CharTokenizer(tokenizer.chars + "~"))[3][0].startswith("tokenized ")
+    os.utime(path, ns=(built, built))  # same size, other time: modified, as far as anyone can tell
+    assert token_files(tmp_path, path)[3][0].startswith("tokenized ")
+
+
+def test_an_interrupted_token_build_is_rebuilt_not_trusted(tmp_path, monkeypatch):
+    (tmp_path / "t.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    monkeypatch.setattr(gpt, "BATCH_CHARS", 1000)
+    real_flush, flushes = gpt.TokenWriter.flush, []
+
+    def flush_then_ctrl_c(writer):
+        real_flush(writer)
+        flushes.append(writer)
+        if len(flushes) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpt.TokenWriter, "flush", flush_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        token_files(tmp_path, str(tmp_path / "t.txt"))
+    assert os.listdir(tmp_path / "out") == []  # no half file under a final name, no tokens.json, no temporary left
+    monkeypatch.setattr(gpt.TokenWriter, "flush", real_flush)
+    tokenizer, train, val, logged = token_files(tmp_path, str(tmp_path / "t.txt"))
+    cut = int(0.9 * len(SHAKESPEARE_BIT))
+    assert logged[0].startswith("tokenized ") and train == tokenizer.encode(SHAKESPEARE_BIT[:cut])
+    # a token file cut short after tokens.json vouched for it (a full disk, a careless copy) is not trusted
+    train_bin = tmp_path / "out" / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:-2])
+    _, again, _, logged = token_files(tmp_path, str(tmp_path / "t.txt"))
+    assert logged[0].startswith("tokenized ") and again == train
+
+
+def test_validation_documents_never_appear_in_training(tmp_path):
+    """Document i validates if i % 10 == 9, whole; neither training nor the BPE merges see them, and the
+    merges come from the first --bpe-sample-mb of training text only."""
+    (tmp_path / "corpus").mkdir()
+    bodies = {9: "xyzzy " * 30, 19: "xyzzy " * 30, 2: "." * 100 + " wombat" * 30}  # the others: speeches
+    docs = [f"DOC{i:02d}\n" + bodies.get(i, SHAKESPEARE_BIT[:150]) + "\n" for i in range(25)]
+    for i, doc in enumerate(docs):
+        (tmp_path / "corpus" / f"{i:02d}.txt").write_text(doc, encoding="utf-8")
+    tokenizer, train, val, _ = token_files(tmp_path, str(tmp_path / "corpus"))
+    assert tokenizer.decode(val) == docs[9] + "\n" + docs[19]
+    assert tokenizer.decode(train) == "\n".join(doc for i, doc in enumerate(docs) if i % 10 != 9)
+    tokenizer, train, val, _ = token_files(tmp_path, str(tmp_path / "corpus"), tokenizer="bpe", vocab_size=300)
+    assert tokenizer.decode(val) == docs[9] + "<|endoftext|>" + docs[19] and b"xyzzy" not in tokenizer.decode_bytes(train)
+    assert not any(b"z" in tokenizer.vocab[i] for i in tokenizer.merges.values())  # 60 "zz" in validation: unseen
+    tokenizer = token_files(tmp_path, str(tmp_path / "corpus"), tokenizer="bpe", vocab_size=300, bpe_sample_mb=400e-6)[0]
+    sample = "\n".join(docs[:3])[:400].encode("utf-8")  # 400 characters: two documents and dots, no wombat
+    assert len(tokenizer.merges) > 20 and all(tokenizer.vocab[i] in sample for i in tokenizer.merges.values())
+
+
+def pretrain_tiny(tmp_path, monkeypatch, capsys):
+    """A tiny character model trained 10 steps on SHAKESPEARE_BIT into pre/; and play.txt, a text in its characters."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pre.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    (tmp_path / "play.txt").write_text("ALL:\nSpeak, speak.\n\nFIRST CITIZEN:\nYou are resolved.\n\n" * 30, encoding="utf-8")
+    gpt.main(["--input", "pre.txt", *TINY_FLAGS, "--max-iters", "10", "--eval-interval", "10", "--max-new-tokens", "0",
+              "--out-dir", "pre"])
+    capsys.readouterr()
+    return ["--input", "play.txt", "--init-from", os.path.join("pre", "ckpt.pt"), *TINY_FLAGS, "--max-new-tokens", "0",
+            "--log-interval", "1"]
+
+
+def test_fine_tuning_starts_from_the_checkpoints_weights_and_rejects_a_mismatched_vocabulary(tmp_path, monkeypatch, capsys):
+    tune = pretrain_tiny(tmp_path, monkeypatch, capsys)
+    gpt.main([*tune, "--max-iters", "1", "--out-dir", "tune"])
+    out = capsys.readouterr().out
+    assert f"fine-tuning {os.path.join('pre', 'ckpt.pt')}: its weights and tokenizer" in out
+    logged = float(re.search(r"^step 1: loss ([\d.]+),", out, re.M).group(1))  # the loss of step 0's batch
+    pre_ckpt, pre = gpt.load_checkpoint(os.path.join("pre", "ckpt.pt"), "cpu")
+    _, train, _ = gpt.open_token_files(gpt.TrainConfig(input="play.txt", out_dir="tune"), 16)
+    x, y = gpt.get_batch(train, 4, 16, gpt.batch_generator(1337, 0, 0, 1), "cpu")
+    with torch.no_grad():
+        assert close_to_printed(logged, pre(x, y)[1].item(), 4)  # the pretrained model's loss on that batch
+    tuned = torch.load(os.path.join("tune", "ckpt.pt"), weights_only=True)
+    assert tuned["step"] == 1 and tuned["tokenizer"] == pre_ckpt["tokenizer"]  # the pretraining text's characters
+    assert not torch.equal(tuned["model"]["wte.weight"], pre_ckpt["model"]["wte.weight"])  # and it trained
+    # what the checkpoint cannot take: a character outside its vocabulary, other model or tokenizer flags
+    (tmp_path / "q.txt").write_text("ALL:\nQuite so.\n" * 30, encoding="utf-8")
+    assert "character 'Q' of --input is not in the vocabulary" in gpt_error([*tune, "--input", "q.txt", "--out-dir", "q"])
+    assert sorted(os.listdir(tmp_path / "q")) == []  # no token files, and no temporary ones
+    assert "--n-embd 32 differs from the checkpoint's 16, and cannot change when fine-tuning" in \
+        gpt_error([*tune, "--n-embd", "32", "--out-dir", "q"])
+    assert "--tokenizer bpe differs from the checkpoint's char" in gpt_error([*tune, "--tokenizer", "bpe", "--out-dir", "q"])
+
+
+def test_resume_after_fine_tuning_is_exact(tmp_path, monkeypatch, capsys):
+    tune = [*pretrain_tiny(tmp_path, monkeypatch, capsys), "--min-lr-ratio", "1", "--eval-interval", "1000"]
+    step_losses = lambda text: dict(re.findall(r"^step (\d+): loss ([0-9.]+)", text, re.M))  # noqa: E731
+    gpt.main([*tune, "--max-iters", "6", "--out-dir", "one"])
+    reference = step_losses(capsys.readouterr().out)
+    gpt.main([*tune, "--max-iters", "3", "--out-dir", "two"])
+    gpt.main([*tune, "--max-iters", "6", "--out-dir", "two", "--resume"])  # the same command plus --resume
+    resumed = step_losses(capsys.readouterr().out.split("resumed from")[1])
+    assert sorted(resumed) == ["4", "5", "6"] and all(resumed[step] == reference[step] for step in resumed)
+    one, two = (torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["model"] for run in ("one", "two"))
+    assert all(torch.equal(one[name], two[name]) for name in one)
+
+
+def test_gpt_bad_corpus_inputs_give_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty_dir").mkdir()
+    assert "empty_dir: no *.txt or *.jsonl file below this directory" in gpt_error(["--input", "empty_dir"])
+    assert "nothing*.txt: the glob matches no file" in gpt_error(["--input", "nothing*.txt"])
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "a typo"}\n', encoding="utf-8")
+    assert 'bad.jsonl, line 2: not a JSON object with a "text" string' in gpt_error(["--input", "bad.jsonl"])
+    (tmp_path / "few").mkdir()
+    for i in range(3):
+        (tmp_path / "few" / f"{i}.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    assert "the validation split has 0 tokens but needs more than block_size=64 (every tenth document validates: " \
+           "give at least ten)" in gpt_error(["--input", "few", "--out-dir", "few_out"])
+    (tmp_path / "few" / "3.txt").write_bytes("Ophélie".encode("latin-1"))
+    assert "3.txt: not UTF-8 text" in gpt_error(["--input", "few", "--out-dir", "few_out"])
 
 
 # ---- the scripts as tools: nothing lost, nothing cryptic ----
@@ -1878,7 +2082,7 @@ def test_gpt_refuses_to_replace_a_checkpoint_without_resume_or_overwrite(tmp_pat
     message = gpt_error([*flags, "--prompt", "OTHELLO:"])  # --sample forgotten
     assert f"{os.path.join('out', 'ckpt.pt')} already exists (a checkpoint at step 2): continue it with --resume, " \
            "or replace it with --overwrite" in message
-    assert ckpt.read_bytes() == trained and sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.csv"]  # and the lock is gone
+    assert ckpt.read_bytes() == trained and sorted(os.listdir(tmp_path / "out")) == RUN_FILES  # and the lock is gone
     gpt.main([*flags, "--max-iters", "1", "--eval-interval", "1", "--overwrite"])
     assert torch.load(ckpt, weights_only=True)["step"] == 1
 
@@ -1895,12 +2099,12 @@ def test_gpt_sigterm_saves_and_stops_and_one_run_at_a_time_writes_an_out_dir(tmp
     assert proc.returncode == 0 and err == ""
     step = int(re.search(r"^interrupted: saved step (\d+) to \S+; continue with --resume$", out, re.M).group(1))
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == step >= 1
-    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.csv"]  # the lock is released
+    assert sorted(os.listdir(tmp_path / "out")) == RUN_FILES  # the lock is released
     # a lock left behind by a run that died (SIGKILL, a crash) is stale: the next run takes it over
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "out" / "ckpt.pt.lock").write_text(f"{dead.stdout.strip()} {platform.node()}", encoding="utf-8")
     gpt.main([*flags, "--resume", "--max-iters", str(step + 1)])
-    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.csv"]
+    assert sorted(os.listdir(tmp_path / "out")) == RUN_FILES
 
 
 def test_gpt_closed_stdout_saves_and_stops_quietly(tmp_path):
@@ -2028,7 +2232,7 @@ def test_gpt_failed_checkpoint_write_names_its_cause_and_keeps_the_old_one(tmp_p
     os.symlink("/dev/full", tmp_path / "out" / "ckpt.pt.tmp")  # the next checkpoint goes to a full disk
     message = gpt_error([*flags, "--max-iters", "4", "--resume"])
     assert "ckpt.pt: cannot write the checkpoint (No space left on device: free some disk space)" in message
-    assert ckpt.read_bytes() == saved and sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.csv"]
+    assert ckpt.read_bytes() == saved and sorted(os.listdir(tmp_path / "out")) == RUN_FILES
     # torch.save itself reports a failed write as a RuntimeError; the real cause is in its __context__
     with pytest.raises(OSError), open("/dev/full", "wb") as f:  # closing tries the write again, and fails
         with pytest.raises(RuntimeError, match="unexpected pos") as info:
@@ -2135,6 +2339,7 @@ def test_scaling_fit_recovers_the_exponents_of_a_known_power_law():
     assert 0 < frontier < beta  # the irreducible E flattens the frontier
     # a parabola's vertex is found exactly
     assert gpt.parabola_minimum([0.0, 1.0, 2.0, 3.0], [(u - 1.3) ** 2 + 2 for u in (0, 1, 2, 3)]) == pytest.approx((1.3, 2.0))
+    assert gpt.parabola_minimum([1.0, 2.0], [3.0, 2.5]) == (2.0, 2.5)  # two points: no parabola, the better one
 
 
 def test_scaling_sweep_miniature_runs_end_to_end(tmp_path, capsys, monkeypatch):
