@@ -2139,6 +2139,26 @@ def step_times(variants, rounds=9, steps=5):
     return [min(times) for _, times in timed]
 
 
+def kept_step_times(rows, variants, path):
+    """step_times of the rows, measured once and kept in path (JSON): a continued ablation reuses them, so
+    its 'same time' runs keep their lengths. Rows new since then are timed beside the first row and
+    scaled to its kept time: only the ratios matter."""
+    keys = [f"{name}: {settings}" for name, settings in rows]
+    kept = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            kept = json.load(f)
+    missing = [i for i, key in enumerate(keys) if key not in kept]
+    if missing:
+        first, *measured = step_times([variants[0]] + [variants[i] for i in missing])
+        scale = kept[keys[0]] / first if keys[0] in kept else 1.0
+        kept.update({keys[i]: t * scale for i, t in zip(missing, measured)})
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(kept, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return [kept[key] for key in keys]
+
+
 def ablation(cfg, model_cfg):
     """Every row of ABLATIONS[cfg.ablation] for every seed, after the same steps (--max-iters) and after
     the same time (as many steps as the row takes in the time GPT-2 takes for --max-iters). One CSV row per
@@ -2146,8 +2166,10 @@ def ablation(cfg, model_cfg):
     rows, seeds = ABLATIONS[cfg.ablation], [int(s) for s in cfg.ablation_seeds.split(",")]
     m = dataclasses.replace(model_cfg, vocab_size=experiment_vocab_size(cfg))
     variants = [with_settings(cfg, m, settings) for _, settings in rows]
-    per_step = step_times(variants) if cfg.ablation == "options" else [math.nan] * len(rows)  # depth: same cost
     os.makedirs(cfg.out_dir, exist_ok=True)
+    per_step = [math.nan] * len(rows)  # depth: every row costs the same, so only the same steps
+    if cfg.ablation == "options":
+        per_step = kept_step_times(rows, variants, os.path.join(cfg.out_dir, "step_times.json"))
     csv_path = os.path.join(cfg.out_dir, "ablation.csv")
     columns = ["row", "seed", "steps", "val_loss", "seconds"]
     done = read_csv(csv_path) if os.path.exists(csv_path) else []

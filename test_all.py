@@ -1232,7 +1232,8 @@ def test_ablation_trains_every_row_and_seed_for_the_same_steps_and_the_same_time
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(gpt.ABLATIONS, "options", [("base", {}), ("rmsnorm", {"norm": "rmsnorm"}),
                                                    ("slow", {"post_ln": True})])
-    monkeypatch.setattr(gpt, "step_times", lambda variants: [0.010, 0.0102, 0.020])  # the third: twice as slow
+    # timed with the first row again in front; the third row is twice as slow as the first
+    monkeypatch.setattr(gpt, "step_times", lambda variants: [0.010, 0.010, 0.0102, 0.020])
     gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "options", "--ablation-seeds", "4,5",
               "--max-iters", "40", "--out-dir", "abl"])
     table = capsys.readouterr().out.splitlines()
@@ -1250,6 +1251,14 @@ def test_ablation_trains_every_row_and_seed_for_the_same_steps_and_the_same_time
     gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "options", "--ablation-seeds", "4,5",
               "--max-iters", "40", "--out-dir", "abl"])  # again: every run is in the CSV, none is trained anew
     assert capsys.readouterr().out.splitlines() == table and len(gpt.read_csv(os.path.join("abl", "ablation.csv"))) == 8
+    # a row added later is timed beside the first and scaled to its kept time: 2x the first -> half the steps
+    monkeypatch.setattr(gpt, "step_times", lambda variants: [0.005, 0.010])  # the machine is faster now
+    gpt.ABLATIONS["options"].append(("new", {"untied_head": True}))
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "options", "--ablation-seeds", "4,5",
+              "--max-iters", "40", "--out-dir", "abl"])
+    assert capsys.readouterr().out.splitlines()[:4] == table
+    assert sorted((r["row"], r["steps"]) for r in gpt.read_csv(os.path.join("abl", "ablation.csv")))[8:] == [
+        (3, 20), (3, 20), (3, 40), (3, 40)]
 
 
 def test_learning_rate_schedule_warmup_cosine_floor():
