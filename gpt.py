@@ -1928,6 +1928,8 @@ def quiet_run(cfg, m, steps, run_dir):
     with redirect_stdout(io.StringIO()):  # an experiment prints one row per run, not each run's log
         train(run_cfg, m)
     last_eval = [r for r in read_csv(os.path.join(run_dir, "log.csv")) if r["val_loss"] is not None][-1]
+    if last_eval["step"] != steps:  # Ctrl-C or SIGTERM stopped the run early: it must not count as done
+        raise KeyboardInterrupt
     return last_eval, round(time.perf_counter() - t0, 1)
 
 

@@ -1261,6 +1261,22 @@ def test_ablation_trains_every_row_and_seed_for_the_same_steps_and_the_same_time
         (3, 20), (3, 20), (3, 40), (3, 40)]
 
 
+def test_an_experiment_run_stopped_early_is_not_recorded_as_done(tmp_path, monkeypatch):
+    def stopped_at_step_3(cfg, m, given=frozenset()):  # what Ctrl-C or SIGTERM leaves: a shorter log.csv
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        log = gpt.CsvLog(os.path.join(cfg.out_dir, "log.csv"))
+        for step in (0, 3):
+            log.row(step=step, tokens=0, flops=0, seconds=0, lr=0.1, train_loss=2.0, val_loss=2.0, val_bits=3.0)
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gpt, "train", stopped_at_step_3)
+    monkeypatch.setattr(gpt, "step_times", lambda variants: [0.01] * len(variants))
+    for experiment in (["--ablation", "depth"], ["--sweep", "--sweep-budgets", "1e7", "--sweep-widths", "8,16"]):
+        with pytest.raises(KeyboardInterrupt):
+            gpt.main(["--input", "tiny.txt", *TINY_FLAGS, *experiment, "--max-iters", "10", "--out-dir", "x"])
+    assert gpt.read_csv(os.path.join("x", "ablation.csv")) == [] and gpt.read_csv(os.path.join("x", "sweep.csv")) == []
+
+
 def test_learning_rate_schedule_warmup_cosine_floor():
     cfg = gpt.TrainConfig(learning_rate=1e-3, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
     lrs = [gpt.learning_rate(step, cfg) for step in range(0, 120)]
