@@ -866,15 +866,21 @@ def test_gpt_forward_equals_the_formula_written_out(variant):
 
 
 def gpt_parameter_count(cfg):
-    """Counted by hand: the token table once (the output layer shares it), a position table unless RoPE,
-    per block two LayerNorms, qkv, the attention projection and the MLP; then the final LayerNorm."""
+    """Counted by hand: the token table, and the output layer only if untied; a position table unless RoPE;
+    per block two norms, qkv (and qk-norm's two gains), the attention projection and the MLP; then the
+    final norm. A LayerNorm has a gain and a bias, an RMSNorm a gain only; SwiGLU's fc is two C x 8C/3."""
     C, b = cfg.n_embd, int(cfg.bias)
+    norm = C + (b * C if cfg.norm == "layernorm" else 0)
     qkv = (cfg.n_head + 2 * cfg.kv_heads()) * (C // cfg.n_head)  # output width of the qkv layer
-    block = 2 * (C + b * C) + (C * qkv + b * qkv) + (C * C + b * C) + (C * 4 * C + b * 4 * C) + (4 * C * C + b * C)
-    return cfg.vocab_size * C + (0 if cfg.rope else cfg.block_size * C) + cfg.n_layer * block + (C + b * C)
+    hidden, fc_out = (8 * C // 3, 2 * (8 * C // 3)) if cfg.mlp == "swiglu" else (4 * C, 4 * C)
+    block = (2 * norm + (C * qkv + b * qkv) + 2 * (C // cfg.n_head) * cfg.qk_norm + (C * C + b * C)
+             + (C * fc_out + b * fc_out) + (hidden * C + b * C))
+    head = cfg.vocab_size * C if cfg.untied_head else 0
+    return cfg.vocab_size * C + head + (0 if cfg.rope else cfg.block_size * C) + cfg.n_layer * block + norm
 
 
-@pytest.mark.parametrize("variant", [{}, {"rope": True, "n_kv_head": 2}, {"bias": False, "n_kv_head": 1}])
+@pytest.mark.parametrize("variant", [{}, {"rope": True, "n_kv_head": 2}, {"bias": False, "n_kv_head": 1},
+                                     {"untied_head": True, "mlp": "swiglu", "norm": "rmsnorm", "qk_norm": True}])
 def test_gpt_parameter_count_and_init(variant):
     model = tiny_gpt(n_layer=8, n_embd=64, **variant)
     assert sum(p.numel() for p in model.parameters()) == gpt_parameter_count(model.cfg)
@@ -883,7 +889,7 @@ def test_gpt_parameter_count_and_init(variant):
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             assert torch.all(p == 0), name
-        elif ".ln_" in name or name.startswith("ln_f"):
+        elif ".ln_" in name or name.startswith("ln_f") or "_norm." in name:  # LayerNorm, RMSNorm, qk-norm gains
             assert torch.all(p == 1), name
         else:
             std = 0.02 / 4 if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else 0.02
@@ -1602,7 +1608,8 @@ def test_gradient_accumulation_equals_one_batch_of_all_the_micro_batches(tmp_pat
             if not seen:
                 seen.update(params={name: p.detach().clone() for name, p in model.named_parameters()},
                             grads={name: p.grad.clone() for name, p in model.named_parameters()}, batches=batches[-2:])
-        optimizer.register_step_pre_hook(before_the_first_update)
+        for part in getattr(optimizer, "parts", [optimizer]):  # AdamW, or AdamW and Muon
+            part.register_step_pre_hook(before_the_first_update)
         return optimizer
 
     monkeypatch.setattr(gpt, "get_batch", recording_get_batch)
@@ -1696,7 +1703,7 @@ def data_parallel_steps(ckpt_path, data, flags, world_size):
     optimizer.load_state_dict(ckpt["optimizer"])
     for step in range(ckpt["step"], cfg.max_iters):
         for group in optimizer.param_groups:
-            group["lr"] = gpt.learning_rate(step, cfg)
+            group["lr"] = gpt.learning_rate(step, cfg) * group.get("lr_scale", 1.0)  # Muon's groups: their own peak
         rank_losses = []
         for rank in range(world_size):
             batches = gpt.batch_generator(cfg.seed, step, rank, world_size)
@@ -1791,7 +1798,8 @@ def test_gpt_resume_keeps_the_runs_settings_unless_given_again(tmp_path, monkeyp
     assert lrs == ["1.00e-04", "1.00e-04"]  # the run's own learning rate, not the default 6e-3
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["train_config"]["learning_rate"] == 1e-4
-    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    adamw = ckpt["optimizer"]["parts"][0] if "parts" in ckpt["optimizer"] else ckpt["optimizer"]
+    assert adamw["param_groups"][0]["lr"] == pytest.approx(1e-4)
 
 
 def test_checkpoint_keeps_the_best_val_loss_of_the_run(tmp_path, monkeypatch, capsys):
@@ -2064,8 +2072,8 @@ def test_gpt_bad_corpus_inputs_give_one_line_errors(tmp_path, monkeypatch):
     (tmp_path / "few").mkdir()
     for i in range(3):
         (tmp_path / "few" / f"{i}.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
-    assert "the validation split has 0 tokens but needs more than block_size=64 (every tenth document validates: " \
-           "give at least ten)" in gpt_error(["--input", "few", "--out-dir", "few_out"])
+    assert "the validation split has 0 tokens but needs more than block_size=128 (every tenth document validates: " \
+           "give at least ten)" in gpt_error(["--input", "few", "--out-dir", "few_out", "--block-size", "128"])
     (tmp_path / "few" / "3.txt").write_bytes("Ophélie".encode("latin-1"))
     assert "3.txt: not UTF-8 text" in gpt_error(["--input", "few", "--out-dir", "few_out"])
 
@@ -2317,7 +2325,7 @@ def test_log_csv_has_a_row_per_evaluation_and_log_line_and_loss_png(tmp_path):
     model_cfg = gpt.GPTConfig(**torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_config"])
     for row in rows:  # 4 sequences of 16 tokens per step
         assert row["tokens"] == row["step"] * 4 * 16 and row["flops"] == row["tokens"] * gpt.flops_per_token(model_cfg)
-    assert rows[1]["lr"] == pytest.approx(gpt.learning_rate(4, gpt.TrainConfig(max_iters=20, warmup_iters=2)), rel=1e-5)
+    assert rows[1]["lr"] == pytest.approx(gpt.learning_rate(4, gpt.parse_args([*flags, "--max-iters", "20"])[1]), rel=1e-5)
     assert_png(tmp_path / "out" / "loss.png")
     # a resumed run with more steps appends to the log; no step is written twice
     run_gpt([*flags, "--max-iters", "30", "--resume"], tmp_path)
