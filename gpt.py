@@ -2101,7 +2101,7 @@ ABLATIONS = {
     "options": [("GPT-2", {}), ("muon", {"optimizer": "muon"}), ("rmsnorm", {"norm": "rmsnorm"}),
                 ("relu2", {"mlp": "relu2"}), ("swiglu", {"mlp": "swiglu"}), ("qk-norm", {"qk_norm": True}),
                 ("untied head", {"untied_head": True}), ("zero init", {"zero_init": True}),
-                ("softcap 15", {"softcap": 15.0}), ("rope", {"rope": True}),
+                ("softcap 15", {"softcap": 15.0}),
                 ("all: the cpu preset", {k: v for k, v in PRESETS["cpu"].items() if k != "max_iters"})],
     "depth": [("pre-LN", {}), ("pre-LN, no warmup", {"warmup_iters": 0}), ("post-LN", {"post_ln": True}),
               ("post-LN, no warmup", {"post_ln": True, "warmup_iters": 0}), ("pre-LN, no residual", {"residual": False})],
@@ -2170,8 +2170,9 @@ def ablation(cfg, model_cfg):
     m = dataclasses.replace(model_cfg, vocab_size=experiment_vocab_size(cfg))
     variants = [with_settings(cfg, m, settings) for _, settings in rows]
     os.makedirs(cfg.out_dir, exist_ok=True)
-    per_step = [math.nan] * len(rows)  # depth: every row costs the same, so only the same steps
-    if cfg.ablation == "options":
+    timed = cfg.ablation == "options"  # depth: every row costs the same, so only the same steps
+    per_step = [math.nan] * len(rows)
+    if timed:
         per_step = kept_step_times(rows, variants, os.path.join(cfg.out_dir, "step_times.json"))
     csv_path = os.path.join(cfg.out_dir, "ablation.csv")
     columns = ["row", "seed", "steps", "val_loss", "seconds"]
@@ -2179,8 +2180,8 @@ def ablation(cfg, model_cfg):
     if not done:
         with open(csv_path, "w", encoding="utf-8") as f:
             f.write(",".join(columns) + "\n")
-    print(f"{'':22} {'ms/step':>13} {'val after ' + str(cfg.max_iters) + ' steps':>22} {'steps':>6} "
-          f"{'val after the same time':>24}")
+    same_time_header = f" {'steps':>6} {'val after the same time':>24}" if timed else ""
+    print(f"{'':22} {'ms/step':>13} {'val after ' + str(cfg.max_iters) + ' steps':>22}{same_time_header}")
     for i, ((name, _), (run_cfg, m), seconds) in enumerate(zip(rows, variants, per_step)):
         same_time = round(cfg.max_iters * per_step[0] / seconds) if seconds == seconds else cfg.max_iters
         if abs(same_time - cfg.max_iters) <= 0.03 * cfg.max_iters:
@@ -2196,8 +2197,11 @@ def ablation(cfg, model_cfg):
                     with open(csv_path, "a", encoding="utf-8") as f:
                         f.write(",".join(format_cell(found[0][c]) for c in columns) + "\n")
                 losses.setdefault(steps, []).append(found[0]["val_loss"])
-        print(f"{name:22} {1000 * seconds:6.1f} ({seconds / per_step[0]:4.2f}x) {mean_spread(losses[cfg.max_iters]):>22} "
-              f"{same_time:6d} {mean_spread(losses[same_time]):>24}", flush=True)
+        timing, after_same_time = "-", ""  # depth: no timing, the same steps only
+        if seconds == seconds:
+            timing = f"{1000 * seconds:6.1f} ({seconds / per_step[0]:4.2f}x)"
+            after_same_time = f"{same_time:6d} {mean_spread(losses[same_time]):>24}"
+        print(f"{name:22} {timing:>13} {mean_spread(losses[cfg.max_iters]):>22} {after_same_time}".rstrip(), flush=True)
 
 
 def mean_spread(values):
