@@ -1332,6 +1332,32 @@ def test_cached_logits_equal_uncached_logits(variant):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-3, rtol=1e-3)  # large weights: float32 noise
 
 
+def test_generation_slides_the_context_to_the_newest_half_block():
+    model = lively_gpt()  # block_size 16
+    lengths = []
+    real_forward = model.forward
+    model.forward = lambda idx, *args, **kwargs: lengths.append(idx.size(1)) or real_forward(idx, *args, **kwargs)
+    model.generate(torch.zeros(1, 5, dtype=torch.long), 30, temperature=0, use_cache=False)
+    assert lengths == list(range(5, 17)) + list(range(8, 17)) + list(range(8, 17))  # 16 -> the last 8, twice
+
+
+def test_training_clips_the_gradient_norm(tmp_path, monkeypatch):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    norms, real_make_optimizer = [], gpt.make_optimizer
+
+    def make_optimizer(model, cfg, device_type):
+        optimizer = real_make_optimizer(model, cfg, device_type)
+        first = getattr(optimizer, "parts", [optimizer])[0]  # stepped first: sees the gradients as clipped
+        first.register_step_pre_hook(lambda *_: norms.append(torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()))
+        return optimizer
+
+    monkeypatch.setattr(gpt, "make_optimizer", make_optimizer)
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--grad-clip", "0.05", "--max-iters", "3", "--max-new-tokens", "0"])
+    assert norms == pytest.approx([0.05] * 3, rel=1e-4)  # every raw norm of this tiny model is larger
+
+
 def test_generation_with_the_smallest_context():
     model = lively_gpt(block_size=1)
     prompt = torch.zeros(1, 1, dtype=torch.long)
