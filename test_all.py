@@ -1186,6 +1186,14 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     for group in optimizer.param_groups:  # what the training loop sets: the schedule's lr times lr_scale
         group["lr"] = 5e-4 * group.get("lr_scale", 1.0)
     assert muon.param_groups[0]["lr"] == pytest.approx(0.015) and adamw.param_groups[0]["lr"] == 5e-4
+    # a step with zero gradients: Muon only decays its matrices, by lr x weight decay; AdamW moves nothing
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for n, p in params.items():
+        shrink = 1 - 0.015 * 0.1 if id(p) in in_muon else (1 - 5e-4 * 0.1 if p.dim() == 2 else 1)
+        torch.testing.assert_close(p.detach(), before[n] * shrink, msg=n)
 
 
 def test_checkpoints_of_format_1_without_the_modern_options_still_load(tmp_path):
