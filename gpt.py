@@ -7,9 +7,11 @@
     python gpt.py --init-from out-pre/ckpt.pt --input play.txt --out-dir out-play   # then fine-tune on one
     python gpt.py --bench-attention       # attention three ways: time and memory, T = 256 ... 16384
     python gpt.py --bench-data 1000       # the data path on 10 MB ... 1 GB: MB/s and peak memory
+    python gpt.py --preset gpt2 --ablation options   # what each modern option buys over GPT-2, 3 seeds
 
 Read it top to bottom: config, data (and data at scale: token files), model (attention -> block ->
-GPT), training, sampling, FlashAttention-2 from scratch, the attention and data benchmarks, main().
+GPT, GPT-2 and what modern models changed), training (AdamW, Muon), sampling, FlashAttention-2 from
+scratch, the attention and data benchmarks, experiments, main().
 """
 import argparse
 import dataclasses
@@ -59,6 +61,24 @@ class GPTConfig:
     rope: bool = dataclasses.field(default=False, metadata={"help": "rotary position embeddings, no position table"})
     attention: str = dataclasses.field(default="sdpa", metadata={"help": "sdpa (the fused kernel), math (the formula "
                                                                          "written out) or flash (FlashAttention-2 in PyTorch)"})
+    # The modern options, each one difference from GPT-2 (see "Model"); the defaults here are GPT-2's,
+    # PRESETS below holds the measured choice.
+    norm: str = dataclasses.field(default="layernorm", metadata={"help": "layernorm (GPT-2) or rmsnorm (scale only: "
+                                                                         "no mean, no bias)"})
+    post_ln: bool = dataclasses.field(default=False, metadata={"help": "normalise after each residual add, as the 2017 "
+                                                                        "transformer (default: before, pre-LN)"})
+    mlp: str = dataclasses.field(default="gelu", metadata={"help": "gelu (GPT-2), relu2 (ReLU squared) or swiglu "
+                                                                   "(gated, same parameter count)"})
+    qk_norm: bool = dataclasses.field(default=False, metadata={"help": "RMS-normalise queries and keys per head "
+                                                                        "before their dot product"})
+    untied_head: bool = dataclasses.field(default=False, metadata={"help": "an output layer of its own instead of "
+                                                                            "the token embedding table"})
+    zero_init: bool = dataclasses.field(default=False, metadata={"help": "output projections start at zero: each "
+                                                                          "block starts as the identity"})
+    softcap: float = dataclasses.field(default=0.0, metadata={"help": "squash the logits into (-softcap, softcap) "
+                                                                       "with tanh; 0 = off"})
+    residual: bool = dataclasses.field(default=True, metadata={"help": "residual connections (--no-residual: an "
+                                                                        "ablation, to see a block fail without them)"})
     vocab_size: int = 0  # derived from the tokenizer, so it has no flag
 
     def kv_heads(self):
@@ -70,7 +90,8 @@ class TrainConfig:
     input: str = dataclasses.field(default="input.txt", metadata={"help": "training text (UTF-8): a file, a directory (its "
                                                                        "*.txt and *.jsonl files) or a quoted glob"})
     out_dir: str = dataclasses.field(default="out", metadata={"help": "where ckpt.pt and the token files are written and read"})
-    preset: str = dataclasses.field(default="auto", metadata={"help": "default settings: cpu, gpu, or auto (gpu on CUDA)"})
+    preset: str = dataclasses.field(default="auto", metadata={"help": "default settings: cpu, gpu, gpt2 (GPT-2 as it "
+                                                                       "was), or auto (gpu on CUDA)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
     seed: int = dataclasses.field(default=1337, metadata={"help": "random seed"})
     tokenizer: str = dataclasses.field(default="char", metadata={"help": "char, or bpe (tokenizer_bpe.py)"})
@@ -89,6 +110,10 @@ class TrainConfig:
     weight_decay: float = dataclasses.field(default=0.1, metadata={"help": "AdamW weight decay on 2-D weights"})
     beta2: float = dataclasses.field(default=0.99, metadata={"help": "AdamW beta2"})
     grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 = off"})
+    optimizer: str = dataclasses.field(default="adamw", metadata={"help": "adamw, or muon (Muon for the blocks' "
+                                                                          "matrices, AdamW for the rest)"})
+    muon_lr: float = dataclasses.field(default=0.02, metadata={"help": "Muon's peak learning rate, scheduled as "
+                                                                        "--learning-rate is"})
     compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the model (eager if it fails)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue training from <out-dir>/ckpt.pt"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace a checkpoint in <out-dir>, else an error"})
@@ -112,13 +137,18 @@ class TrainConfig:
     sweep: bool = dataclasses.field(default=False, metadata={"help": "scaling-law sweep: train every width at every budget"})
     sweep_budgets: str = dataclasses.field(default="3e11,1e12,3e12", metadata={"help": "training FLOPs of each sweep budget"})
     sweep_widths: str = dataclasses.field(default="16,24,32,48,64", metadata={"help": "n_embd of each sweep model"})
+    ablation: str = dataclasses.field(default="", metadata={"help": "options or depth: train each row of the "
+                                                                    "ablation for every --ablation-seeds"})
+    ablation_seeds: str = dataclasses.field(default="1,2,3", metadata={"help": "seeds of each ablation row"})
     embeddings: bool = dataclasses.field(default=False, metadata={"help": "show what <out-dir>/ckpt.pt's token embeddings learned"})
 
 
 # Defaults per machine, chosen by measurement (see README): a 2-core CPU gets a small, wide-batch,
 # high-learning-rate model that converges within ~90 s; a GPU gets the classic 6x6x384 model.
 PRESETS = {
-    "cpu": {},
+    "gpt2": {},  # the dataclasses' defaults: GPT-2, as the defaults were before the modern options
+    "cpu": dict(optimizer="muon", muon_lr=0.01, mlp="relu2", untied_head=True, block_size=128, batch_size=16,
+                min_lr_ratio=0.0, max_iters=1750),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
                 learning_rate=1e-3, max_iters=5000, eval_interval=500, eval_iters=50, warmup_iters=100),
 }
@@ -566,6 +596,18 @@ def open_token_files(cfg, block_size):
 
 # ----------------------------------------------------------------------------------------------
 # Model: attention -> block -> GPT.
+#
+# GPT-2 is the path the defaults of GPTConfig take. Each modern option is one difference from it,
+# a few lines where the reader meets it (the README measures what each buys):
+#   --rope          positions rotate q and k instead of a learned position table (rope_frequencies)
+#   --norm rmsnorm  LayerNorm without the mean and the bias (make_norm)
+#   --post-ln       the 2017 transformer's placement, for comparison: normalise after adding (Block)
+#   --mlp relu2 / swiglu   other nonlinearities in the MLP (MLP_ACTIVATIONS)
+#   --qk-norm       queries and keys normalised per head, so their dot products cannot blow up
+#   --untied-head   the output layer is not the token embedding table
+#   --zero-init     every block starts as the identity: its output projections are zero
+#   --softcap       logits squashed smoothly by tanh, so none runs away
+#   --optimizer muon   orthogonalised updates for the blocks' matrices (make_optimizer)
 # ----------------------------------------------------------------------------------------------
 
 def rope_frequencies(head_dim, max_len, base=10000.0):
@@ -642,6 +684,14 @@ def pick_attention(name):
     return {"sdpa": attention_sdpa, "math": attention_math, "flash": attention_flash}[name]
 
 
+def make_norm(cfg, width):
+    """LayerNorm: (x - mean) / std * g + b over the last dim. RMSNorm: x / sqrt(mean(x²) + eps) * g, i.e. no
+    centring and no bias; cheaper, and in practice as good: what keeps deep stacks stable is the scale."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=1e-5)
+    return nn.LayerNorm(width, eps=1e-5, bias=cfg.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -649,6 +699,9 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        # qk-norm: unit-RMS q and k per head bound q·k/sqrt(hd), so a large learning rate cannot saturate softmax
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attend = pick_attention(cfg.attention)  # chosen once here, never per token
@@ -660,6 +713,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -669,31 +723,56 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
+def relu_squared(h):
+    """Primer (So et al., 2021): relu(h)²; sparse like ReLU, but smooth at 0 and sharper for large h."""
+    return F.relu(h).square()
+
+
+def swiglu(h):
+    """Shazeer (2020), used by LLaMA: half of h gates the other half through silu. (B, T, 2H) -> (B, T, H)"""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+MLP_ACTIVATIONS = {"gelu": F.gelu, "relu2": relu_squared, "swiglu": swiglu}
+
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        # SwiGLU's hidden width 8C/3 makes its three C x H matrices hold the 8C² weights of GELU's two C x 4C
+        hidden = 8 * cfg.n_embd // 3 if cfg.mlp == "swiglu" else 4 * cfg.n_embd
+        self.fc = nn.Linear(cfg.n_embd, hidden * (2 if cfg.mlp == "swiglu" else 1), bias=cfg.bias)
+        self.activation = MLP_ACTIVATIONS[cfg.mlp]
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        return self.dropout(self.proj(self.activation(self.fc(x))))  # (B, T, C) -> (B, T, H) -> (B, T, C)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: the residual stream x only ever gets things added to it."""
+    """Pre-LN transformer block: the residual stream x only ever gets things added to it, so the gradient
+    reaches the first layer undiminished. Post-LN (2017) normalises the stream itself after each add: the
+    gradient then passes through every norm on its way down, which is why it needs a learning-rate warmup."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
+        self.post_ln, self.residual = cfg.post_ln, cfg.residual
 
     def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)  # tokens talk to each other
-        x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
-        return x
+        keep = x if self.residual else 0  # --no-residual: each sublayer replaces x instead of adding to it
+        if self.post_ln:
+            x = self.ln_1(keep + self.attn(x, rope, cache, layer))
+            keep = x if self.residual else 0
+            return self.ln_2(keep + self.mlp(x))
+        x = keep + self.attn(self.ln_1(x), rope, cache, layer)  # tokens talk to each other
+        keep = x if self.residual else 0
+        return keep + self.mlp(self.ln_2(x))  # each token thinks on its own
 
 
 class GPT(nn.Module):
@@ -704,16 +783,19 @@ class GPT(nn.Module):
         self.wpe = None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)  # position -> vector
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: reading and writing tokens share one table
+        if not cfg.untied_head:
+            self.lm_head.weight = self.wte.weight  # weight tying: reading and writing tokens share one table
         if cfg.rope:
             cos, sin = rope_frequencies(cfg.n_embd // cfg.n_head, cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)  # derived, so not saved
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: keep the residual stream's variance flat in depth
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") and cfg.zero_init:  # each block starts as the identity
+                nn.init.zeros_(p)
+            elif name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
@@ -741,6 +823,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        if self.cfg.softcap:  # ~linear for small logits, never beyond ±softcap (Gemma 2)
+            logits = self.cfg.softcap * torch.tanh(logits / self.cfg.softcap)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T))
@@ -834,13 +918,67 @@ def learning_rate(step, cfg):
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
 
+def orthogonalise(G, steps=5):
+    """Muon's core (Jordan et al., 2024): push every singular value of G (m, n) towards 1, keeping its
+    singular vectors, i.e. roughly U Vᵀ of G = U S Vᵀ. An update made of equal singular values moves the
+    weights along every direction G found, not just the few that dominate it. A quintic Newton-Schulz
+    iteration does it with matmuls only; its coefficients make small singular values grow fast, and leave
+    them in about [0.7, 1.2] after 5 steps, which trains as well as exactly 1. torch.optim.Muon runs this
+    iteration in bfloat16, faster on this CPU than float32 (0.85 vs 1.3 ms for 384 x 128), so training uses it."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.float()
+    if G.size(0) > G.size(1):
+        X = X.T  # wide: X Xᵀ is then the smaller Gram matrix
+    X = X / (X.norm() + 1e-7)  # Frobenius norm >= spectral norm: now every singular value is <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X  # s -> a s + b s³ + c s⁵ for each singular value s
+    return X.T if G.size(0) > G.size(1) else X
+
+
+class Optimizers:
+    """Several optimizers that the training loop and the checkpoint see as one."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    @property
+    def param_groups(self):  # a property: load_state_dict replaces each part's list of groups
+        return [group for part in self.parts for group in part.param_groups]
+
+    def step(self):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none=True):
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state):
+        for part, part_state in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(part_state)
+
+
 def make_optimizer(model, cfg, device_type):
-    """AdamW with weight decay on matrices only: biases, LayerNorm gains don't need shrinking."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW with weight decay on matrices only: biases, LayerNorm gains don't need shrinking.
+    With --optimizer muon, Muon takes the blocks' 2-D matrices; the embeddings and the output layer stay
+    with AdamW (a lookup table's rows are separate vectors, not one linear map to orthogonalise)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in named if cfg.optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2]
+    rest = [p for _, p in named if all(p is not h for h in hidden)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = device_type in ("cuda", "cpu")  # one kernel for all parameters instead of a loop
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=fused)
+    if not hidden:
+        return adamw
+    # Muon: momentum, then orthogonalise() the update; its lr is scaled by sqrt(max(1, rows/cols)) per matrix
+    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="original")
+    muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.learning_rate  # the schedule sets lr * lr_scale
+    return Optimizers(adamw, muon)
 
 
 @torch.no_grad()
@@ -865,7 +1003,7 @@ def matmul_params(cfg):
     Linear weight of the blocks plus the output layer. Lookups (wte, wpe), biases and norms cost ~0 FLOPs."""
     d, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
     attention = d * (cfg.n_head + 2 * cfg.kv_heads()) * hd + d * d  # qkv and the output projection
-    mlp = 2 * d * 4 * d  # fc and proj
+    mlp = 3 * d * (8 * d // 3) if cfg.mlp == "swiglu" else 2 * d * 4 * d  # fc and proj
     return cfg.n_layer * (attention + mlp) + d * cfg.vocab_size  # + lm_head
 
 
@@ -1223,7 +1361,7 @@ def _train(cfg, model_cfg, given):
 
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             step_loss = torch.zeros((), device=device)
             batches = batch_generator(cfg.seed, step, rank, world_size)
             for micro_step in range(cfg.grad_accum):
@@ -1749,15 +1887,17 @@ def fit_line(x, y):
 
 def parabola_minimum(log_n, loss):
     """Vertex of the least-squares parabola loss = a·u² + b·u + c, u = log N: (log N*, loss at N*).
-    If the points do not curve upwards, the best measured point."""
-    u = torch.tensor(log_n, dtype=torch.float64)
-    a, b, c = torch.linalg.lstsq(torch.stack([u * u, u, torch.ones_like(u)], 1),
-                                 torch.tensor(loss, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
-    if a <= 0:
-        best = min(range(len(loss)), key=loss.__getitem__)
-        return log_n[best], loss[best]
-    u_star = -b / (2 * a)
-    return u_star, a * u_star ** 2 + b * u_star + c
+    With fewer than 3 points (any parabola fits two), or points that do not curve upwards, the best
+    measured point."""
+    if len(loss) >= 3:
+        u = torch.tensor(log_n, dtype=torch.float64)
+        a, b, c = torch.linalg.lstsq(torch.stack([u * u, u, torch.ones_like(u)], 1),
+                                     torch.tensor(loss, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
+        if a > 0:
+            u_star = -b / (2 * a)
+            return u_star, a * u_star ** 2 + b * u_star + c
+    best = min(range(len(loss)), key=loss.__getitem__)
+    return log_n[best], loss[best]
 
 
 def fit_scaling_law(runs):
@@ -1780,19 +1920,33 @@ def fit_scaling_law(runs):
     return optima, a, b, alpha
 
 
+def quiet_run(cfg, m, steps, run_dir):
+    """One run of an experiment, its log unprinted: (its last evaluation's log.csv row, seconds taken)."""
+    run_cfg = dataclasses.replace(cfg, out_dir=run_dir, sweep=False, ablation="", plot=False, max_new_tokens=0,
+                                  max_iters=steps, eval_interval=steps, log_interval=steps,
+                                  overwrite=True)  # a run missing from the experiment's CSV never finished: anew
+    t0 = time.perf_counter()
+    with redirect_stdout(io.StringIO()):  # an experiment prints one row per run, not each run's log
+        train(run_cfg, m)
+    last_eval = [r for r in read_csv(os.path.join(run_dir, "log.csv")) if r["val_loss"] is not None][-1]
+    if last_eval["step"] != steps:  # Ctrl-C or SIGTERM stopped the run early: it must not count as done
+        raise KeyboardInterrupt
+    return last_eval, round(time.perf_counter() - t0, 1)
+
+
 def sweep_run(cfg, m, budget, run_dir):
     """One point of the sweep: model m trained for `budget` FLOPs; returns its sweep.csv row."""
     steps = max(1, round(budget / (cfg.batch_size * m.block_size * cfg.grad_accum * flops_per_token(m))))
-    run_cfg = dataclasses.replace(cfg, out_dir=run_dir, sweep=False, plot=False, max_new_tokens=0, max_iters=steps,
-                                  overwrite=True,  # a run missing from sweep.csv never finished: train it anew
-                                  eval_interval=steps, log_interval=steps, warmup_iters=min(cfg.warmup_iters, steps // 10))
-    t0 = time.perf_counter()
-    with redirect_stdout(io.StringIO()):  # the sweep prints one row per run, not each run's log
-        train(run_cfg, m)
-    last_eval = [r for r in read_csv(os.path.join(run_dir, "log.csv")) if r["val_loss"] is not None][-1]
+    last_eval, seconds = quiet_run(dataclasses.replace(cfg, warmup_iters=min(cfg.warmup_iters, steps // 10)),
+                                   m, steps, run_dir)
     return dict(flops=budget, width=m.n_embd, n=matmul_params(m), params=sum(p.numel() for p in GPT(m).parameters()),
-                steps=steps, tokens=last_eval["tokens"], val_loss=last_eval["val_loss"],
-                seconds=round(time.perf_counter() - t0, 1))
+                steps=steps, tokens=last_eval["tokens"], val_loss=last_eval["val_loss"], seconds=seconds)
+
+
+def experiment_vocab_size(cfg):
+    """The vocabulary size each run of an experiment will get from its tokenizer."""
+    files = input_files(cfg.input)
+    return len(build_tokenizer(files, validation_cut(files), cfg, log=lambda line: None).vocab)
 
 
 def scaling_sweep(cfg, model_cfg):
@@ -1800,8 +1954,7 @@ def scaling_sweep(cfg, model_cfg):
     so an interrupted sweep continues), then the fit and sweep.png."""
     budgets = [float(b) for b in cfg.sweep_budgets.split(",")]
     widths = [int(w) for w in cfg.sweep_widths.split(",")]
-    files = input_files(cfg.input)
-    vocab_size = len(build_tokenizer(files, validation_cut(files), cfg, log=lambda line: None).vocab)  # as each run's will be
+    vocab_size = experiment_vocab_size(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     csv_path = os.path.join(cfg.out_dir, "sweep.csv")
     columns = ["flops", "width", "n", "params", "steps", "tokens", "val_loss", "seconds"]
@@ -1940,6 +2093,123 @@ def plot_embeddings(emb, labels, png_path, max_labels=120):
     plt.close(fig)
 
 
+# ---- Ablation: what each modern option buys, alone and together --------------------------------
+
+# Each row changes these settings of the run's own (GPT-2's with --preset gpt2). "depth" is meant for a
+# deeper model (--n-layer 6): where the placement of the norm, the warmup and the residuals matter.
+ABLATIONS = {
+    "options": [("GPT-2", {}), ("muon", {"optimizer": "muon"}), ("rmsnorm", {"norm": "rmsnorm"}),
+                ("relu2", {"mlp": "relu2"}), ("swiglu", {"mlp": "swiglu"}), ("qk-norm", {"qk_norm": True}),
+                ("untied head", {"untied_head": True}), ("zero init", {"zero_init": True}),
+                ("softcap 15", {"softcap": 15.0}),
+                ("all: the cpu preset", {k: v for k, v in PRESETS["cpu"].items() if k != "max_iters"})],
+    "depth": [("pre-LN", {}), ("pre-LN, no warmup", {"warmup_iters": 0}), ("post-LN", {"post_ln": True}),
+              ("post-LN, no warmup", {"post_ln": True, "warmup_iters": 0}), ("pre-LN, no residual", {"residual": False})],
+}
+
+
+def with_settings(cfg, m, settings):
+    """(run config, model config) with settings applied to whichever of the two has each field."""
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    return (dataclasses.replace(cfg, **{k: v for k, v in settings.items() if k not in model_fields}),
+            dataclasses.replace(m, **{k: v for k, v in settings.items() if k in model_fields}))
+
+
+def step_times(variants, rounds=9, steps=5):
+    """Seconds per training step of each (cfg, m), on random tokens. The variants take turns, round after
+    round, so a busy spell of the machine slows them all alike; each keeps its fastest round, the one
+    least disturbed by other jobs."""
+    timed = []
+    for cfg, m in variants:
+        torch.manual_seed(cfg.seed)
+        model = GPT(m)
+        optimizer = make_optimizer(model, cfg, "cpu")
+        x, y = torch.randint(m.vocab_size, (2, cfg.batch_size, m.block_size))
+
+        def step(model=model, optimizer=optimizer, x=x, y=y, clip=cfg.grad_clip or math.inf):
+            model(x, y)[1].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step()  # the first step allocates the optimizer's state
+        timed.append((step, []))
+    for _ in range(rounds):
+        for step, times in timed:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - t0) / steps)
+    return [min(times) for _, times in timed]
+
+
+def kept_step_times(rows, variants, path):
+    """step_times of the rows, measured once and kept in path (JSON): a continued ablation reuses them, so
+    its 'same time' runs keep their lengths. Rows new since then are timed beside the first row and
+    scaled to its kept time: only the ratios matter."""
+    keys = [f"{name}: {settings}" for name, settings in rows]
+    kept = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            kept = json.load(f)
+    missing = [i for i, key in enumerate(keys) if key not in kept]
+    if missing:
+        first, *measured = step_times([variants[0]] + [variants[i] for i in missing])
+        scale = kept[keys[0]] / first if keys[0] in kept else 1.0
+        kept.update({keys[i]: t * scale for i, t in zip(missing, measured)})
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(kept, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return [kept[key] for key in keys]
+
+
+def ablation(cfg, model_cfg):
+    """Every row of ABLATIONS[cfg.ablation] for every seed, after the same steps (--max-iters) and after
+    the same time (as many steps as the row takes in the time GPT-2 takes for --max-iters). One CSV row per
+    run in <out-dir>/ablation.csv (finished runs are skipped: an interrupted ablation continues)."""
+    rows, seeds = ABLATIONS[cfg.ablation], [int(s) for s in cfg.ablation_seeds.split(",")]
+    m = dataclasses.replace(model_cfg, vocab_size=experiment_vocab_size(cfg))
+    variants = [with_settings(cfg, m, settings) for _, settings in rows]
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    timed = cfg.ablation == "options"  # depth: every row costs the same, so only the same steps
+    per_step = [math.nan] * len(rows)
+    if timed:
+        per_step = kept_step_times(rows, variants, os.path.join(cfg.out_dir, "step_times.json"))
+    csv_path = os.path.join(cfg.out_dir, "ablation.csv")
+    columns = ["row", "seed", "steps", "val_loss", "seconds"]
+    done = read_csv(csv_path) if os.path.exists(csv_path) else []
+    if not done:
+        with open(csv_path, "w", encoding="utf-8") as f:
+            f.write(",".join(columns) + "\n")
+    same_time_header = f" {'steps':>6} {'val after the same time':>24}" if timed else ""
+    print(f"{'':22} {'ms/step':>13} {'val after ' + str(cfg.max_iters) + ' steps':>22}{same_time_header}")
+    for i, ((name, _), (run_cfg, m), seconds) in enumerate(zip(rows, variants, per_step)):
+        same_time = round(cfg.max_iters * per_step[0] / seconds) if seconds == seconds else cfg.max_iters
+        if abs(same_time - cfg.max_iters) <= 0.03 * cfg.max_iters:
+            same_time = cfg.max_iters  # within the timing's noise: one run answers both
+        losses = {}
+        for steps in dict.fromkeys([cfg.max_iters, same_time]):
+            for seed in seeds:
+                found = [r for r in done if (r["row"], r["seed"], r["steps"]) == (i, seed, steps)]
+                if not found:
+                    last, took = quiet_run(dataclasses.replace(run_cfg, seed=seed), m, steps,
+                                           os.path.join(cfg.out_dir, f"run-{i}-{steps}-{seed}"))
+                    found = [dict(row=i, seed=seed, steps=steps, val_loss=last["val_loss"], seconds=took)]
+                    with open(csv_path, "a", encoding="utf-8") as f:
+                        f.write(",".join(format_cell(found[0][c]) for c in columns) + "\n")
+                losses.setdefault(steps, []).append(found[0]["val_loss"])
+        timing, after_same_time = "-", ""  # depth: no timing, the same steps only
+        if seconds == seconds:
+            timing = f"{1000 * seconds:6.1f} ({seconds / per_step[0]:4.2f}x)"
+            after_same_time = f"{same_time:6d} {mean_spread(losses[same_time]):>24}"
+        print(f"{name:22} {timing:>13} {mean_spread(losses[cfg.max_iters]):>22} {after_same_time}".rstrip(), flush=True)
+
+
+def mean_spread(values):
+    """'mean ± standard deviation' of the seeds' results."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.4f} ± {t.std() if len(values) > 1 else 0:.4f}"
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
@@ -1960,7 +2230,7 @@ def parse_args(argv=None):
         why = "--preset auto, " + ("CUDA is here" if preset == "gpu" else "no CUDA GPU here")
     parser = flag_parser(description=f"{__doc__.splitlines()[0]} The defaults shown are the {preset} preset's ({why}).")
     if preset not in PRESETS:
-        parser.error(f"--preset {preset!r}: choose cpu, gpu or auto")
+        parser.error(f"--preset {preset!r}: choose cpu, gpu, gpt2 or auto")
     parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
     model_cfg = GPTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"})
@@ -1991,6 +2261,16 @@ def config_problem(m, c):
         return f"--dropout must be in [0, 1), got {m.dropout}"
     if m.attention not in ATTENTIONS:
         return f"--attention {m.attention!r}: choose sdpa, math or flash"
+    if m.norm not in ("layernorm", "rmsnorm"):
+        return f"--norm {m.norm!r}: choose layernorm or rmsnorm"
+    if m.mlp not in MLP_ACTIVATIONS:
+        return f"--mlp {m.mlp!r}: choose gelu, relu2 or swiglu"
+    if not 0.0 <= m.softcap < math.inf:
+        return f"--softcap must be a finite number >= 0 (0 = off), got {m.softcap}"
+    if c.optimizer not in ("adamw", "muon"):
+        return f"--optimizer {c.optimizer!r}: choose adamw or muon"
+    if not 0 < c.muon_lr < math.inf:
+        return f"--muon-lr must be positive, got {c.muon_lr}"
     if c.tokenizer not in ("char", "bpe"):
         return f"--tokenizer {c.tokenizer!r}: choose char or bpe"
     if c.tokenizer == "bpe" and c.vocab_size < 257:
@@ -2006,6 +2286,8 @@ def config_problem(m, c):
         return "--resume continues the checkpoint, --overwrite replaces it: give one of them"
     if c.bench_mem_gib <= 0:
         return f"--bench-mem-gib must be positive, got {c.bench_mem_gib}"
+    if c.ablation not in ("", *ABLATIONS):
+        return f"--ablation {c.ablation!r}: choose options or depth"
     if not 0 < c.bpe_sample_mb < math.inf or c.bench_data < 0:
         return "--bpe-sample-mb must be positive and --bench-data not negative"
     if c.device not in ("auto", "cpu", "cuda", "mps"):
@@ -2024,6 +2306,8 @@ def main(argv=None):
         sample(cfg, given, model_cfg.attention if "attention" in given else None)
     elif cfg.sweep:
         scaling_sweep(cfg, model_cfg)
+    elif cfg.ablation:
+        ablation(cfg, model_cfg)
     elif cfg.embeddings:
         show_embeddings(cfg)
     else:

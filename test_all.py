@@ -769,8 +769,14 @@ TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size
               "--eval-iters", "2", "--warmup-iters", "2", "--device", "cpu", "--no-plot"]  # drawing: its own test
 
 
+# (not zero_init here: blocks that output zero would hide a cache bug; the tests below train it)
+MODERN_A = dict(norm="rmsnorm", mlp="swiglu", qk_norm=True, untied_head=True, softcap=30.0, rope=True)
+MODERN_B = dict(post_ln=True, mlp="relu2", qk_norm=True, n_kv_head=2, bias=False)
+
+
 @pytest.mark.parametrize("variant", [{}, {"rope": True}, {"n_kv_head": 2}, {"n_kv_head": 1, "rope": True},
-                                     {"attention": "math"}, {"attention": "flash", "n_kv_head": 1, "rope": True}])
+                                     {"attention": "math"}, {"attention": "flash", "n_kv_head": 1, "rope": True},
+                                     MODERN_A, MODERN_B])
 def test_gpt_is_causal(variant):
     model = tiny_gpt(**variant)
     idx = torch.randint(0, 23, (2, 16))
@@ -860,15 +866,21 @@ def test_gpt_forward_equals_the_formula_written_out(variant):
 
 
 def gpt_parameter_count(cfg):
-    """Counted by hand: the token table once (the output layer shares it), a position table unless RoPE,
-    per block two LayerNorms, qkv, the attention projection and the MLP; then the final LayerNorm."""
+    """Counted by hand: the token table, and the output layer only if untied; a position table unless RoPE;
+    per block two norms, qkv (and qk-norm's two gains), the attention projection and the MLP; then the
+    final norm. A LayerNorm has a gain and a bias, an RMSNorm a gain only; SwiGLU's fc is two C x 8C/3."""
     C, b = cfg.n_embd, int(cfg.bias)
+    norm = C + (b * C if cfg.norm == "layernorm" else 0)
     qkv = (cfg.n_head + 2 * cfg.kv_heads()) * (C // cfg.n_head)  # output width of the qkv layer
-    block = 2 * (C + b * C) + (C * qkv + b * qkv) + (C * C + b * C) + (C * 4 * C + b * 4 * C) + (4 * C * C + b * C)
-    return cfg.vocab_size * C + (0 if cfg.rope else cfg.block_size * C) + cfg.n_layer * block + (C + b * C)
+    hidden, fc_out = (8 * C // 3, 2 * (8 * C // 3)) if cfg.mlp == "swiglu" else (4 * C, 4 * C)
+    block = (2 * norm + (C * qkv + b * qkv) + 2 * (C // cfg.n_head) * cfg.qk_norm + (C * C + b * C)
+             + (C * fc_out + b * fc_out) + (hidden * C + b * C))
+    head = cfg.vocab_size * C if cfg.untied_head else 0
+    return cfg.vocab_size * C + head + (0 if cfg.rope else cfg.block_size * C) + cfg.n_layer * block + norm
 
 
-@pytest.mark.parametrize("variant", [{}, {"rope": True, "n_kv_head": 2}, {"bias": False, "n_kv_head": 1}])
+@pytest.mark.parametrize("variant", [{}, {"rope": True, "n_kv_head": 2}, {"bias": False, "n_kv_head": 1},
+                                     {"untied_head": True, "mlp": "swiglu", "norm": "rmsnorm", "qk_norm": True}])
 def test_gpt_parameter_count_and_init(variant):
     model = tiny_gpt(n_layer=8, n_embd=64, **variant)
     assert sum(p.numel() for p in model.parameters()) == gpt_parameter_count(model.cfg)
@@ -877,7 +889,7 @@ def test_gpt_parameter_count_and_init(variant):
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             assert torch.all(p == 0), name
-        elif ".ln_" in name or name.startswith("ln_f"):
+        elif ".ln_" in name or name.startswith("ln_f") or "_norm." in name:  # LayerNorm, RMSNorm, qk-norm gains
             assert torch.all(p == 1), name
         else:
             std = 0.02 / 4 if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else 0.02
@@ -1075,6 +1087,210 @@ def test_gpt_overfits_a_tiny_batch():
     assert first > 3.0 and loss.item() < 0.1
 
 
+@pytest.mark.parametrize("option", [{"norm": "rmsnorm"}, {"post_ln": True}, {"mlp": "relu2"}, {"mlp": "swiglu"},
+                                    {"qk_norm": True}, {"untied_head": True}, {"zero_init": True}, {"softcap": 5.0},
+                                    {"optimizer": "muon"}, {**MODERN_A, "zero_init": True, "optimizer": "muon"}])
+def test_each_modern_option_trains_a_tiny_model_to_overfit_a_batch(option):
+    model_options = {k: v for k, v in option.items() if k != "optimizer"}
+    model = tiny_gpt(**model_options).train()
+    cfg = gpt.TrainConfig(optimizer=option.get("optimizer", "adamw"), learning_rate=1e-2, muon_lr=0.05)
+    optimizer = gpt.make_optimizer(model, cfg, "cpu")
+    x, y = torch.randint(0, 23, (4, 16)), torch.randint(0, 23, (4, 16))
+    first = model(x, y)[1].item()
+    for _ in range(150):
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 3.0 and loss.item() < 0.1, (first, loss.item())
+
+
+def test_rmsnorm_and_the_mlp_activations_equal_their_formulas():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    model = tiny_gpt(norm="rmsnorm", mlp="relu2")
+    norm = model.blocks[0].ln_1
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)  # a gain that is not all ones
+    by_hand = x / torch.sqrt((x ** 2).mean(dim=-1, keepdim=True) + 1e-5) * norm.weight  # no mean, no bias
+    torch.testing.assert_close(norm(x), by_hand)
+    assert not hasattr(norm, "bias") or norm.bias is None
+    mlp = model.blocks[0].mlp
+    torch.testing.assert_close(mlp(x), mlp.proj(torch.clamp(mlp.fc(x), min=0) ** 2))
+    mlp = tiny_gpt(mlp="swiglu").blocks[0].mlp
+    W, b = mlp.fc.weight, mlp.fc.bias  # (2H, C): the gate's rows, then the up projection's
+    H = W.size(0) // 2
+    gate, up = x @ W[:H].T + b[:H], x @ W[H:].T + b[H:]
+    torch.testing.assert_close(mlp(x), mlp.proj(gate * torch.sigmoid(gate) * up))
+    gelu_weights = sum(p.numel() for p in tiny_gpt().blocks[0].mlp.parameters() if p.dim() == 2)
+    swiglu_weights = sum(p.numel() for p in mlp.parameters() if p.dim() == 2)
+    assert abs(swiglu_weights - gelu_weights) / gelu_weights < 0.01  # the same parameter count (8C²)
+    big = tiny_gpt(softcap=2.0)
+    with torch.no_grad():
+        big.lm_head.weight.mul_(1000)  # tied: the embedding too, so the logits are huge
+    logits = big(torch.randint(0, 23, (1, 16)))[0]
+    assert logits.abs().max() <= 2.0 and logits.abs().max() > 1.9
+
+
+def test_block_placements_zero_init_and_qk_norm_do_what_they_say():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32)
+    assert torch.equal(tiny_gpt(zero_init=True).blocks[0](x), x)  # zero output projections: the identity
+    assert torch.equal(tiny_gpt(zero_init=True, residual=False).blocks[0](x), torch.zeros_like(x))  # nothing kept
+    b = tiny_gpt(residual=False).blocks[0]  # no residual: each sublayer's output replaces the stream
+    torch.testing.assert_close(b(x), b.mlp(b.ln_2(b.attn(b.ln_1(x)))))
+    post = tiny_gpt(post_ln=True).blocks[0](x * 10 + 20)  # post-LN: the stream itself leaves normalised
+    torch.testing.assert_close(post.mean(-1), torch.zeros(2, 16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(post.var(-1, unbiased=False), torch.ones(2, 16), atol=1e-3, rtol=0)
+    pre = tiny_gpt().blocks[0](x * 10 + 20)  # pre-LN: the stream keeps its scale and offset
+    assert pre.mean(-1).min() > 10 and pre.var(-1).min() > 30
+    for qk_norm in (True, False):  # qk-norm: queries 10x larger give the same attention, as q is normalised
+        attn = lively_gpt(qk_norm=qk_norm).blocks[0].attn  # large weights: attention far from uniform
+        before = attn(x)
+        with torch.no_grad():
+            attn.qkv.weight[:32].mul_(10)
+            attn.qkv.bias[:32].mul_(10)
+        assert torch.allclose(attn(x), before, atol=1e-3, rtol=1e-4) == qk_norm  # off: changes of ~5
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96), (64, 64), (3, 200)])
+def test_newton_schulz_orthogonalises_and_is_what_muon_applies(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape) * torch.linspace(0.3, 3, shape[0])[:, None]  # rows of unequal size: ill-conditioned
+    s = torch.linalg.svdvals(gpt.orthogonalise(G))
+    assert s.max() < 1.25  # each singular value pushed into about [0.7, 1.2] ...
+    assert (s > 0.6).float().mean() >= 0.9  # ... all but the smallest few of a square matrix
+    assert torch.linalg.svdvals(G).max() / torch.linalg.svdvals(G).min() > 3  # and G itself was far from that
+    # torch.optim.Muon's first step is -lr * sqrt(max(1, rows/cols)) * orthogonalise(gradient), after decay
+    w = torch.nn.Parameter(torch.randn(shape))
+    before = w.detach().clone()
+    w.grad = G
+    muon = torch.optim.Muon([w], lr=0.1, weight_decay=0.5, adjust_lr_fn="original")
+    muon.step()
+    expected = before * (1 - 0.1 * 0.5) - 0.1 * max(1, shape[0] / shape[1]) ** 0.5 * gpt.orthogonalise(G)
+    torch.testing.assert_close(w.detach(), expected, atol=0.02, rtol=0.02)  # torch iterates in bfloat16
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = tiny_gpt(untied_head=True, mlp="swiglu", qk_norm=True)
+    optimizer = gpt.make_optimizer(model, gpt.TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.03), "cpu")
+    adamw, muon = optimizer.parts
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert not in_muon & in_adamw and in_muon | in_adamw == {id(p) for p in params.values()}
+    assert {n for n, p in params.items() if id(p) in in_muon} == {
+        n for n, p in params.items() if n.startswith("blocks.") and p.dim() == 2}
+    assert {"wte.weight", "lm_head.weight", "wpe.weight"} <= {n for n, p in params.items() if id(p) in in_adamw}
+    for group in optimizer.param_groups:  # what the training loop sets: the schedule's lr times lr_scale
+        group["lr"] = 5e-4 * group.get("lr_scale", 1.0)
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.015) and adamw.param_groups[0]["lr"] == 5e-4
+    # a step with zero gradients: Muon only decays its matrices, by lr x weight decay; AdamW moves nothing
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for n, p in params.items():
+        shrink = 1 - 0.015 * 0.1 if id(p) in in_muon else (1 - 5e-4 * 0.1 if p.dim() == 2 else 1)
+        torch.testing.assert_close(p.detach(), before[n] * shrink, msg=n)
+
+
+def test_checkpoints_of_format_1_without_the_modern_options_still_load(tmp_path):
+    """A checkpoint written before the options existed has none of their keys: it is a GPT-2 model."""
+    model = tiny_gpt()
+    path = str(tmp_path / "ckpt.pt")
+    cfg = gpt.TrainConfig()
+    gpt.save_checkpoint(path, model, gpt.make_optimizer(model, cfg, "cpu"), model.cfg, cfg, 3, 2.0,
+                        gpt.CharTokenizer("abcdefghijklmnopqrstuvw"))
+    old = torch.load(path, weights_only=True)
+    for key in ("norm", "post_ln", "mlp", "qk_norm", "untied_head", "zero_init", "softcap", "residual"):
+        del old["model_config"][key]
+    for key in ("optimizer", "muon_lr"):
+        del old["train_config"][key]
+    torch.save(old, path)
+    ckpt, loaded = gpt.load_checkpoint(path, "cpu")
+    assert ckpt["format"] == 1 and loaded.cfg == model.cfg
+    idx = torch.randint(0, 23, (2, 16))
+    assert torch.equal(loaded.eval()(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("options", [
+    ["--optimizer", "muon", "--norm", "rmsnorm", "--mlp", "swiglu", "--qk-norm", "--untied-head", "--zero-init",
+     "--softcap", "10", "--rope"],
+    ["--optimizer", "muon", "--post-ln", "--mlp", "relu2", "--no-residual"]])
+def test_modern_options_resume_exactly_and_sample_with_the_cache(options, tmp_path, monkeypatch, capsys):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    flags = ["--input", "tiny.txt", *TINY_FLAGS, *options, "--min-lr-ratio", "1.0", "--eval-interval", "1000",
+             "--log-interval", "1", "--max-new-tokens", "0", "--dropout", "0.1"]
+    step_losses = lambda text: dict(re.findall(r"^step (\d+): loss ([0-9.]+)", text, re.M))  # noqa: E731
+    gpt.main([*flags, "--max-iters", "12", "--out-dir", "one"])
+    reference = step_losses(capsys.readouterr().out)
+    gpt.main([*flags, "--max-iters", "6", "--out-dir", "two"])
+    gpt.main([*flags, "--max-iters", "12", "--out-dir", "two", "--resume"])
+    resumed = step_losses(capsys.readouterr().out)
+    assert [resumed[str(s)] for s in range(7, 13)] == [reference[str(s)] for s in range(7, 13)]
+    assert len(set(reference.values())) > 6  # the losses move, so equal means something
+    ckpt, model = gpt.load_checkpoint(os.path.join("two", "ckpt.pt"), "cpu")
+    adamw, muon = (part["param_groups"][0] for part in ckpt["optimizer"]["parts"])
+    cfg = gpt.TrainConfig(**ckpt["train_config"])  # a flat schedule: the peak rates, each optimizer its own
+    assert (adamw["lr"], muon["lr"]) == (pytest.approx(cfg.learning_rate), pytest.approx(cfg.muon_lr))
+    assert model.cfg == dataclasses.replace(gpt.parse_args(flags)[0], vocab_size=model.cfg.vocab_size)
+    prompt = torch.tensor([gpt.encode(gpt.tokenizer_from_state(ckpt["tokenizer"]), "ALL:")])
+    assert torch.equal(model.generate(prompt, 40, temperature=0), model.generate(prompt, 40, temperature=0, use_cache=False))
+
+
+def test_ablation_trains_every_row_and_seed_for_the_same_steps_and_the_same_time(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(gpt.ABLATIONS, "options", [("base", {}), ("rmsnorm", {"norm": "rmsnorm"}),
+                                                   ("slow", {"post_ln": True})])
+    # timed with the first row again in front; the third row is twice as slow as the first
+    monkeypatch.setattr(gpt, "step_times", lambda variants: [0.010, 0.010, 0.0102, 0.020])
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "options", "--ablation-seeds", "4,5",
+              "--max-iters", "40", "--out-dir", "abl"])
+    table = capsys.readouterr().out.splitlines()
+    runs = gpt.read_csv(os.path.join("abl", "ablation.csv"))
+    assert sorted((r["row"], r["steps"], r["seed"]) for r in runs) == [  # 0.0102: 39 steps, within 3 %: one run answers both
+        (0, 40, 4), (0, 40, 5), (1, 40, 4), (1, 40, 5), (2, 20, 4), (2, 20, 5), (2, 40, 4), (2, 40, 5)]
+    for i, line in enumerate(table[1:]):
+        mine = lambda steps: torch.tensor([r["val_loss"] for r in runs if (r["row"], r["steps"]) == (i, steps)],  # noqa: E731
+                                          dtype=torch.float64)
+        same_time = mine(20 if i == 2 else 40)
+        assert line.split()[-4] == str(20 if i == 2 else 40)  # the steps of the same time
+        assert f"{mine(40).mean():.4f} ± {mine(40).std():.4f}" in line
+        assert line.rstrip().endswith(f"{same_time.mean():.4f} ± {same_time.std():.4f}")
+    assert len(table) == 4 and "(2.00x)" in table[3]
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "options", "--ablation-seeds", "4,5",
+              "--max-iters", "40", "--out-dir", "abl"])  # again: every run is in the CSV, none is trained anew
+    assert capsys.readouterr().out.splitlines() == table and len(gpt.read_csv(os.path.join("abl", "ablation.csv"))) == 8
+    # a row added later is timed beside the first and scaled to its kept time: 2x the first -> half the steps
+    monkeypatch.setattr(gpt, "step_times", lambda variants: [0.005, 0.010])  # the machine is faster now
+    gpt.ABLATIONS["options"].append(("new", {"untied_head": True}))
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "options", "--ablation-seeds", "4,5",
+              "--max-iters", "40", "--out-dir", "abl"])
+    assert capsys.readouterr().out.splitlines()[:4] == table
+    assert sorted((r["row"], r["steps"]) for r in gpt.read_csv(os.path.join("abl", "ablation.csv")))[8:] == [
+        (3, 20), (3, 20), (3, 40), (3, 40)]
+
+
+def test_an_experiment_run_stopped_early_is_not_recorded_as_done(tmp_path, monkeypatch):
+    def stopped_at_step_3(cfg, m, given=frozenset()):  # what Ctrl-C or SIGTERM leaves: a shorter log.csv
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        log = gpt.CsvLog(os.path.join(cfg.out_dir, "log.csv"))
+        for step in (0, 3):
+            log.row(step=step, tokens=0, flops=0, seconds=0, lr=0.1, train_loss=2.0, val_loss=2.0, val_bits=3.0)
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gpt, "train", stopped_at_step_3)
+    monkeypatch.setattr(gpt, "step_times", lambda variants: [0.01] * len(variants))
+    for experiment in (["--ablation", "depth"], ["--sweep", "--sweep-budgets", "1e7", "--sweep-widths", "8,16"]):
+        with pytest.raises(KeyboardInterrupt):
+            gpt.main(["--input", "tiny.txt", *TINY_FLAGS, *experiment, "--max-iters", "10", "--out-dir", "x"])
+    assert gpt.read_csv(os.path.join("x", "ablation.csv")) == [] and gpt.read_csv(os.path.join("x", "sweep.csv")) == []
+
+
 def test_learning_rate_schedule_warmup_cosine_floor():
     cfg = gpt.TrainConfig(learning_rate=1e-3, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
     lrs = [gpt.learning_rate(step, cfg) for step in range(0, 120)]
@@ -1097,7 +1313,7 @@ def lively_gpt(**overrides):
 
 @pytest.mark.parametrize("variant", [{}, {"rope": True}, {"n_kv_head": 1}, {"rope": True, "n_kv_head": 2},
                                      {"attention": "math", "rope": True, "n_kv_head": 2},
-                                     {"attention": "flash", "rope": True, "n_kv_head": 2}])
+                                     {"attention": "flash", "rope": True, "n_kv_head": 2}, MODERN_A, MODERN_B])
 def test_cached_generation_equals_uncached_also_past_block_size(variant):
     model = lively_gpt(**variant)
     prompt = torch.randint(0, 23, (2, 5))
@@ -1112,7 +1328,7 @@ def test_cached_generation_equals_uncached_also_past_block_size(variant):
 
 
 @pytest.mark.parametrize("variant", [{}, {"rope": True, "n_kv_head": 2}, {"attention": "math", "n_kv_head": 1},
-                                     {"attention": "flash", "rope": True, "n_kv_head": 2}])
+                                     {"attention": "flash", "rope": True, "n_kv_head": 2}, MODERN_A, MODERN_B])
 def test_cached_logits_equal_uncached_logits(variant):
     model = lively_gpt(**variant)
     idx = torch.randint(0, 23, (1, 16))
@@ -1122,6 +1338,32 @@ def test_cached_logits_equal_uncached_logits(variant):
               model(idx[:, 6:9], cache=cache)[0]]  # a chunk after cached tokens: needs the offset mask
     pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(9, 16)]  # then one token at a time
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-3, rtol=1e-3)  # large weights: float32 noise
+
+
+def test_generation_slides_the_context_to_the_newest_half_block():
+    model = lively_gpt()  # block_size 16
+    lengths = []
+    real_forward = model.forward
+    model.forward = lambda idx, *args, **kwargs: lengths.append(idx.size(1)) or real_forward(idx, *args, **kwargs)
+    model.generate(torch.zeros(1, 5, dtype=torch.long), 30, temperature=0, use_cache=False)
+    assert lengths == list(range(5, 17)) + list(range(8, 17)) + list(range(8, 17))  # 16 -> the last 8, twice
+
+
+def test_training_clips_the_gradient_norm(tmp_path, monkeypatch):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    norms, real_make_optimizer = [], gpt.make_optimizer
+
+    def make_optimizer(model, cfg, device_type):
+        optimizer = real_make_optimizer(model, cfg, device_type)
+        first = getattr(optimizer, "parts", [optimizer])[0]  # stepped first: sees the gradients as clipped
+        first.register_step_pre_hook(lambda *_: norms.append(torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()))
+        return optimizer
+
+    monkeypatch.setattr(gpt, "make_optimizer", make_optimizer)
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--grad-clip", "0.05", "--max-iters", "3", "--max-new-tokens", "0"])
+    assert norms == pytest.approx([0.05] * 3, rel=1e-4)  # every raw norm of this tiny model is larger
 
 
 def test_generation_with_the_smallest_context():
@@ -1400,7 +1642,8 @@ def test_gradient_accumulation_equals_one_batch_of_all_the_micro_batches(tmp_pat
             if not seen:
                 seen.update(params={name: p.detach().clone() for name, p in model.named_parameters()},
                             grads={name: p.grad.clone() for name, p in model.named_parameters()}, batches=batches[-2:])
-        optimizer.register_step_pre_hook(before_the_first_update)
+        for part in getattr(optimizer, "parts", [optimizer]):  # AdamW, or AdamW and Muon
+            part.register_step_pre_hook(before_the_first_update)
         return optimizer
 
     monkeypatch.setattr(gpt, "get_batch", recording_get_batch)
@@ -1494,7 +1737,7 @@ def data_parallel_steps(ckpt_path, data, flags, world_size):
     optimizer.load_state_dict(ckpt["optimizer"])
     for step in range(ckpt["step"], cfg.max_iters):
         for group in optimizer.param_groups:
-            group["lr"] = gpt.learning_rate(step, cfg)
+            group["lr"] = gpt.learning_rate(step, cfg) * group.get("lr_scale", 1.0)  # Muon's groups: their own peak
         rank_losses = []
         for rank in range(world_size):
             batches = gpt.batch_generator(cfg.seed, step, rank, world_size)
@@ -1589,7 +1832,8 @@ def test_gpt_resume_keeps_the_runs_settings_unless_given_again(tmp_path, monkeyp
     assert lrs == ["1.00e-04", "1.00e-04"]  # the run's own learning rate, not the default 6e-3
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["train_config"]["learning_rate"] == 1e-4
-    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    adamw = ckpt["optimizer"]["parts"][0] if "parts" in ckpt["optimizer"] else ckpt["optimizer"]
+    assert adamw["param_groups"][0]["lr"] == pytest.approx(1e-4)
 
 
 def test_checkpoint_keeps_the_best_val_loss_of_the_run(tmp_path, monkeypatch, capsys):
@@ -1642,6 +1886,11 @@ def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     (["--tokenizer", "words"], "--tokenizer 'words': choose char or bpe"),
     (["--attention", "fast"], "--attention 'fast': choose sdpa, math or flash"),
     (["--bench-mem-gib", "0"], "--bench-mem-gib must be positive"),
+    (["--norm", "batchnorm"], "--norm 'batchnorm': choose layernorm or rmsnorm"),
+    (["--mlp", "tanh"], "--mlp 'tanh': choose gelu, relu2 or swiglu"),
+    (["--optimizer", "sgd"], "--optimizer 'sgd': choose adamw or muon"),
+    (["--softcap", "-1"], "--softcap must be a finite number >= 0"),
+    (["--muon-lr", "0"], "--muon-lr must be positive"),
     (["--bpe-sample-mb", "0"], "--bpe-sample-mb must be positive and --bench-data not negative"),
     (["--block-size", "many"], "argument --block-size: invalid int value: 'many'"),
 ])
@@ -1857,8 +2106,8 @@ def test_gpt_bad_corpus_inputs_give_one_line_errors(tmp_path, monkeypatch):
     (tmp_path / "few").mkdir()
     for i in range(3):
         (tmp_path / "few" / f"{i}.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
-    assert "the validation split has 0 tokens but needs more than block_size=64 (every tenth document validates: " \
-           "give at least ten)" in gpt_error(["--input", "few", "--out-dir", "few_out"])
+    assert "the validation split has 0 tokens but needs more than block_size=128 (every tenth document validates: " \
+           "give at least ten)" in gpt_error(["--input", "few", "--out-dir", "few_out", "--block-size", "128"])
     (tmp_path / "few" / "3.txt").write_bytes("Ophélie".encode("latin-1"))
     assert "3.txt: not UTF-8 text" in gpt_error(["--input", "few", "--out-dir", "few_out"])
 
@@ -2110,7 +2359,7 @@ def test_log_csv_has_a_row_per_evaluation_and_log_line_and_loss_png(tmp_path):
     model_cfg = gpt.GPTConfig(**torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_config"])
     for row in rows:  # 4 sequences of 16 tokens per step
         assert row["tokens"] == row["step"] * 4 * 16 and row["flops"] == row["tokens"] * gpt.flops_per_token(model_cfg)
-    assert rows[1]["lr"] == pytest.approx(gpt.learning_rate(4, gpt.TrainConfig(max_iters=20, warmup_iters=2)), rel=1e-5)
+    assert rows[1]["lr"] == pytest.approx(gpt.learning_rate(4, gpt.parse_args([*flags, "--max-iters", "20"])[1]), rel=1e-5)
     assert_png(tmp_path / "out" / "loss.png")
     # a resumed run with more steps appends to the log; no step is written twice
     run_gpt([*flags, "--max-iters", "30", "--resume"], tmp_path)
@@ -2128,10 +2377,12 @@ def test_flops_per_token_equals_a_hand_count():
     assert gpt.matmul_params(cfg) == 8 * 24 + 64 + 256 + 256 + 80 == 848
     assert gpt.flops_per_token(cfg) == 6 * 848 + 12 * 1 * 6 * 8
     # the same count read off a real model: every Linear weight (lm_head included), no lookups
-    for cfg in (cfg, gpt.GPTConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=16, vocab_size=11, bias=False)):
-        model = gpt.GPT(cfg)
+    swiglu = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=12, vocab_size=9, mlp="swiglu", untied_head=True)
+    for c in (cfg, swiglu, gpt.GPTConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=16, vocab_size=11, bias=False)):
+        model = gpt.GPT(c)
         linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-        assert gpt.matmul_params(cfg) == linear
+        assert gpt.matmul_params(c) == linear
+        cfg = c
     # grouped-query attention: 2 of 4 kv heads of size 4 -> qkv is 16 x (16 + 2*8)
     assert gpt.matmul_params(cfg) == 3 * (16 * 32 + 256 + 2 * 16 * 64) + 16 * 11
 
@@ -2155,6 +2406,7 @@ def test_scaling_fit_recovers_the_exponents_of_a_known_power_law():
     assert 0 < frontier < beta  # the irreducible E flattens the frontier
     # a parabola's vertex is found exactly
     assert gpt.parabola_minimum([0.0, 1.0, 2.0, 3.0], [(u - 1.3) ** 2 + 2 for u in (0, 1, 2, 3)]) == pytest.approx((1.3, 2.0))
+    assert gpt.parabola_minimum([1.0, 2.0], [3.0, 2.5]) == (2.0, 2.5)  # two points: no parabola, the better one
 
 
 def test_scaling_sweep_miniature_runs_end_to_end(tmp_path, capsys, monkeypatch):
