@@ -147,8 +147,8 @@ class TrainConfig:
 # high-learning-rate model that converges within ~90 s; a GPU gets the classic 6x6x384 model.
 PRESETS = {
     "gpt2": {},  # the dataclasses' defaults: GPT-2, as the defaults were before the modern options
-    "cpu": dict(optimizer="muon", muon_lr=0.01, mlp="relu2", untied_head=True, block_size=128, batch_size=16,
-                min_lr_ratio=0.0, max_iters=1750),
+    "cpu": dict(optimizer="muon", muon_lr=0.01, mlp="swiglu", untied_head=True, block_size=128, batch_size=16,
+                min_lr_ratio=0.0, max_iters=1600),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
                 learning_rate=1e-3, max_iters=5000, eval_interval=500, eval_iters=50, warmup_iters=100),
 }

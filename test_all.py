@@ -2419,7 +2419,7 @@ def test_scaling_sweep_miniature_runs_end_to_end(tmp_path, capsys, monkeypatch):
     runs = gpt.read_csv(tmp_path / "sweep" / "sweep.csv")
     assert [(r["flops"], r["width"]) for r in runs] == [(2e7, 8), (2e7, 16), (4e7, 8), (4e7, 16)]
     for r in runs:
-        cfg = gpt.GPTConfig(n_layer=1, n_head=2, n_embd=int(r["width"]), block_size=16, vocab_size=len(set(SHAKESPEARE_BIT)))
+        cfg = dataclasses.replace(gpt.parse_args(argv)[0], n_embd=int(r["width"]), vocab_size=len(set(SHAKESPEARE_BIT)))
         assert r["n"] == gpt.matmul_params(cfg)
         assert r["steps"] == round(r["flops"] / (4 * 16 * gpt.flops_per_token(cfg)))
         assert r["tokens"] == r["steps"] * 4 * 16
