@@ -1183,6 +1183,46 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
         torch.testing.assert_close(p.detach(), before[n] * shrink, msg=n)
 
 
+def test_dtype_picks_the_autocast_and_attention_stays_in_float32_under_it(monkeypatch):
+    assert not isinstance(gpt.make_autocast("cpu", "float32"), torch.autocast)
+    for native in (True, False):  # auto: bf16 only where the hardware multiplies it natively
+        monkeypatch.setattr(gpt, "native_bf16", lambda device_type, native=native: native)
+        with gpt.make_autocast("cpu", "auto"):
+            assert torch.is_autocast_enabled("cpu") == native
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 40, 8).bfloat16()  # what the qkv Linear hands over under autocast
+    with gpt.make_autocast("cpu", "bfloat16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert tiny_gpt()(torch.randint(0, 23, (2, 16)))[0].dtype == torch.bfloat16  # the matmuls ran in bf16
+        # SDPA and flash compute in float32 (the CPU's bf16 SDPA is slower; flash's m and l need the bits)
+        sdpa, flash = gpt.attention_sdpa(q, k, v), gpt.attention_flash(q, k, v, block_q=16, block_k=16)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert sdpa.dtype == torch.bfloat16 and torch.equal(sdpa, exact.bfloat16())
+    assert flash.dtype == torch.bfloat16
+    assert torch.equal(flash, gpt.attention_flash(q.float(), k.float(), v.float(), block_q=16, block_k=16).bfloat16())
+
+
+def test_training_in_bf16_follows_float32_and_keeps_float32_weights():
+    x, y = torch.randint(0, 23, (4, 16)), torch.randint(0, 23, (4, 16))
+    curves = {}
+    for dtype in ("float32", "bfloat16"):
+        model = tiny_gpt(mlp="swiglu", rope=True, qk_norm=True).train()
+        optimizer = gpt.make_optimizer(model, gpt.TrainConfig(optimizer="muon", learning_rate=1e-2, muon_lr=0.05), "cpu")
+        curves[dtype] = []
+        for _ in range(150):
+            with gpt.make_autocast("cpu", dtype):
+                loss = model(x, y)[1]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            curves[dtype].append(loss.item())
+        state = [t for part in optimizer.parts for s in part.state.values() for t in s.values() if torch.is_tensor(t)]
+        assert all(t.dtype == torch.float32 for t in [*model.parameters(), *state])
+    fp32, bf16 = curves["float32"], curves["bfloat16"]
+    assert abs(bf16[0] - fp32[0]) < 0.01 and bf16[0] != fp32[0]  # the same loss, up to bf16's rounding
+    assert fp32[-1] < 0.1 and bf16[-1] < 0.1  # and both overfit the batch
+
+
 def test_checkpoints_of_format_1_without_the_modern_options_still_load(tmp_path):
     """A checkpoint written before the options existed has none of their keys: it is a GPT-2 model."""
     model = tiny_gpt()
@@ -1193,7 +1233,7 @@ def test_checkpoints_of_format_1_without_the_modern_options_still_load(tmp_path)
     old = torch.load(path, weights_only=True)
     for key in ("norm", "post_ln", "mlp", "qk_norm", "untied_head", "zero_init", "softcap", "residual"):
         del old["model_config"][key]
-    for key in ("optimizer", "muon_lr"):
+    for key in ("optimizer", "muon_lr", "dtype"):
         del old["train_config"][key]
     torch.save(old, path)
     ckpt, loaded = gpt.load_checkpoint(path, "cpu")
@@ -1204,7 +1244,7 @@ def test_checkpoints_of_format_1_without_the_modern_options_still_load(tmp_path)
 
 @pytest.mark.parametrize("options", [
     ["--optimizer", "muon", "--norm", "rmsnorm", "--mlp", "swiglu", "--qk-norm", "--untied-head", "--zero-init",
-     "--softcap", "10", "--rope"],
+     "--softcap", "10", "--rope", "--dtype", "bfloat16"],
     ["--optimizer", "muon", "--post-ln", "--mlp", "relu2", "--no-residual"]])
 def test_modern_options_resume_exactly_and_sample_with_the_cache(options, tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
@@ -1559,8 +1599,8 @@ def evaluate_checkpoint(path, text, flags):
         data = torch.tensor(gpt.encode(tokenizer, part))
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = [gpt.get_batch(data, cfg.batch_size, model.cfg.block_size, generator, "cpu") for _ in range(cfg.eval_iters)]
-        with torch.no_grad():
-            losses.append(sum(F.cross_entropy(model.eval()(x)[0].flatten(0, 1), y.flatten()).item()
+        with torch.no_grad(), gpt.make_autocast("cpu", cfg.dtype):  # the run's precision (bf16 where native)
+            losses.append(sum(F.cross_entropy(model.eval()(x)[0].float().flatten(0, 1), y.flatten()).item()
                               for x, y in batches) / cfg.eval_iters)
     return losses
 
@@ -1636,7 +1676,7 @@ def test_gradient_accumulation_equals_one_batch_of_all_the_micro_batches(tmp_pat
     monkeypatch.setattr(gpt, "get_batch", recording_get_batch)
     monkeypatch.setattr(gpt, "make_optimizer", make_optimizer)
     gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--grad-accum", "2", "--grad-clip", "0", "--max-iters", "1",
-              "--log-interval", "1", "--max-new-tokens", "0"])
+              "--log-interval", "1", "--max-new-tokens", "0", "--dtype", "float32"])  # bf16 rounds 8 rows and 2x4 apart
     logged = float(re.search(r"^step 1: loss ([\d.]+),", capsys.readouterr().out, re.M).group(1))
     (x1, y1), (x2, y2) = seen["batches"]
     assert x1.shape == (4, 16) and not torch.equal(x1, x2)  # two different micro-batches
@@ -1743,7 +1783,7 @@ def test_gpt_data_parallel_with_torchrun_on_cpu(tmp_path):
     exactly as data-parallel training from the saved state and the memory-mapped tokens should."""
     (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     flags = ["--input", "tiny.txt", *TINY_FLAGS, "--eval-interval", "3", "--log-interval", "3", "--grad-accum", "2",
-             "--max-new-tokens", "0", "--out-dir", "ddp"]
+             "--max-new-tokens", "0", "--out-dir", "ddp", "--dtype", "float32"]  # bf16 rounds 1 and 2 threads apart
     finished = r"^rank {}/2: finished at step {}; last logged loss ([0-9.]+) on this rank's batches, ([0-9.]+) all-reduced\n$"
     first = torchrun_gpt([*flags, "--max-iters", "3"], tmp_path, tmp_path / "logs_first")
     check_gpt_log(first[0], SHAKESPEARE_BIT, gpt.CharTokenizer("".join(sorted(set(SHAKESPEARE_BIT)))),
@@ -1878,6 +1918,7 @@ def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     (["--optimizer", "sgd"], "--optimizer 'sgd': choose adamw or muon"),
     (["--softcap", "-1"], "--softcap must be a finite number >= 0"),
     (["--muon-lr", "0"], "--muon-lr must be positive"),
+    (["--dtype", "float16"], "--dtype 'float16': choose float32, bfloat16 or auto"),
     (["--bpe-sample-mb", "0"], "--bpe-sample-mb must be positive and --bench-data not negative"),
     (["--block-size", "many"], "argument --block-size: invalid int value: 'many'"),
 ])
@@ -2056,7 +2097,7 @@ def test_fine_tuning_starts_from_the_checkpoints_weights_and_rejects_a_mismatche
     pre_ckpt, pre = gpt.load_checkpoint(os.path.join("pre", "ckpt.pt"), "cpu")
     _, train, _ = gpt.open_token_files(gpt.TrainConfig(input="play.txt", out_dir="tune"), 16)
     x, y = gpt.get_batch(train, 4, 16, gpt.batch_generator(1337, 0, 0, 1), "cpu")
-    with torch.no_grad():
+    with torch.no_grad(), gpt.make_autocast("cpu", gpt.TrainConfig(**pre_ckpt["train_config"]).dtype):
         assert close_to_printed(logged, pre(x, y)[1].item(), 4)  # the pretrained model's loss on that batch
     tuned = torch.load(os.path.join("tune", "ckpt.pt"), weights_only=True)
     assert tuned["step"] == 1 and tuned["tokenizer"] == pre_ckpt["tokenizer"]  # the pretraining text's characters
