@@ -1288,10 +1288,64 @@ def train(cfg, model_cfg, given=frozenset()):
 
 
 def _train(cfg, model_cfg, given):
-    """The run itself, in an out-dir it alone writes into."""
+    """The run itself, in an out-dir it alone writes into: set up, then per step evaluate and save when
+    due, stop if asked (Ctrl-C finishes the current step, saves and exits; a second Ctrl-C kills at once),
+    train one step, log; then finish."""
+    rt = setup_runtime(cfg)
+    run = prepare_run(cfg, model_cfg, given, rt)
+    model = wrap_model(run, rt)
+    clock = Clock(run.csv_log.seconds_offset)
+    start_step, stopped, local_loss, step_loss = run.step, False, float("nan"), torch.full((), float("nan"))
+    with stop_on_signals(rt.stop):
+        while True:
+            if evaluation_due(run, start_step):
+                evaluate_and_save(run, rt, clock)
+            if run.step >= run.cfg.max_iters:
+                break
+            if stop_agreed(run, rt):
+                stopped = True
+                save_and_say_how_to_resume(run, rt)
+                break
+            lr, step_loss = training_step(model, run, rt)
+            run.step += 1
+            clock.steps += 1
+            if run.step % run.cfg.log_interval == 0 or run.step == run.cfg.max_iters:
+                local_loss = log_progress(run, rt, clock, lr, step_loss)
+        if rt.world_size > 1:
+            print_line(f"rank {rt.rank}/{rt.world_size}: finished at step {run.step}; last logged loss {local_loss:.6f} "
+                       f"on this rank's batches, {step_loss.item():.6f} all-reduced")
+    finish(run, rt, stopped)
+    return run.model
+
+
+# ---- The steps of a run ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Runtime:
+    """This process's place in a run: its device, its rank among torchrun's processes (only rank 0 logs,
+    evaluates and saves), its precision, and whether a stop was asked for (by Ctrl-C, SIGTERM or a
+    closed stdout: the loop then saves and stops)."""
+    device: str
+    device_type: str
+    rank: int
+    world_size: int
+    local_rank: int
+    autocast: object
+    stop: dict = dataclasses.field(default_factory=lambda: {"requested": False, "why": "interrupted"})
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, line):
+        """Only rank 0 logs; if its reader has gone (`| head`), the loop saves and stops."""
+        if self.master and not print_line(line):
+            self.stop.update(requested=True, why="stdout closed")
+
+
+def setup_runtime(cfg):
     device = pick_device(cfg.device)
     rank, world_size, local_rank = setup_distributed(device)
-    master = rank == 0  # only rank 0 logs, evaluates and saves
     if device == "cuda" and world_size > 1:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -1299,153 +1353,215 @@ def _train(cfg, model_cfg, given):
     if device_type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads() // world_size))  # torch uses all cores; share them
     torch.manual_seed(cfg.seed)
-    autocast = make_autocast(device_type, cfg.dtype)
+    return Runtime(device, device_type, rank, world_size, local_rank, make_autocast(device_type, cfg.dtype))
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run carries from step to step, and saves in its checkpoint."""
+    cfg: TrainConfig  # a resumed run's own settings, with what the command line sets again
+    model: GPT  # the uncompiled, unwrapped module: what we evaluate, save and sample
+    tokenizer: object
+    optimizer: object
+    data: dict  # {"train": token file, "val": token file}
+    unit: str  # what bits are counted per: "char" or "byte"
+    bits_per_unit: float  # nats per token -> bits per character or byte, comparable across tokenizers
+    ckpt_path: str
+    csv_log: object
+    tokens_per_step: int
+    step: int = 0
+    best_val_loss: float = math.inf
+    resumed: bool = False
+
+    def save(self, rt):
+        if rt.master:
+            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.model.cfg, self.cfg, self.step,
+                            self.best_val_loss, self.tokenizer)
+
+    def progress(self, clock):
+        """Where the run stands, for log.csv."""
+        tokens = self.step * self.tokens_per_step
+        return dict(step=self.step, tokens=tokens, flops=tokens * flops_per_token(self.model.cfg), seconds=clock.seconds())
+
+
+class Clock:
+    """Seconds since the run began, going on across resumes (log.csv), and since the last log line:
+    training time only, as an evaluation restarts it."""
+
+    def __init__(self, seconds_before):
+        self.start = time.perf_counter() - seconds_before
+        self.restart()
+
+    def restart(self):
+        self.last, self.steps = time.perf_counter(), 0
+
+    def seconds(self):
+        return round(time.perf_counter() - self.start, 3)
+
+
+def prepare_run(cfg, model_cfg, given, rt):
+    """A fresh run, or the checkpoint's (--resume), or a fresh run from its weights (--init-from): the
+    model and tokenizer, the token files, the optimizer and the random state."""
+    # 1) model and tokenizer from the checkpoint when resuming or fine-tuning, so the ids mean the same
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    stop = {"requested": False, "why": "interrupted"}  # by Ctrl-C, SIGTERM or a closed stdout: save, then stop
-
-    def log(line):  # only rank 0 logs; if its reader has gone (`| head`), the loop saves and stops
-        if master and not print_line(line):
-            stop.update(requested=True, why="stdout closed")
-
-    # 1) data and tokenizer (from the checkpoint when resuming or fine-tuning, so the ids mean the same)
     ckpt, model, tokenizer = None, None, None
     if cfg.resume:
-        ckpt, model = load_checkpoint(ckpt_path, device, model_cfg.attention if "attention" in given else None)
-        saved = TrainConfig(**ckpt["train_config"])
-        check_unchanged(given, (model_cfg, cfg), (model.cfg, saved))
-        # the run's own settings, except what this command line sets again (say, a larger --max-iters)
-        cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
-        model_cfg = model.cfg
-        tokenizer = tokenizer_from_state(ckpt["tokenizer"])
+        ckpt, model, tokenizer, cfg = load_for_resume(ckpt_path, cfg, model_cfg, given, rt.device)
     elif cfg.init_from:
-        model, tokenizer = load_for_fine_tuning(cfg, model_cfg, given, device)
-        model_cfg = model.cfg
-        log(f"fine-tuning {cfg.init_from}: its weights and tokenizer, a fresh optimizer and schedule")
-    if master:
-        prepare_token_files(cfg, tokenizer, log)
-    if world_size > 1:
-        dist.barrier()  # the other ranks wait for rank 0's token files, then all map the same files
+        model, tokenizer = load_for_fine_tuning(cfg, model_cfg, given, rt.device)
+        rt.log(f"fine-tuning {cfg.init_from}: its weights and tokenizer, a fresh optimizer and schedule")
+    # 2) the token files: rank 0 writes them while the other ranks wait, then every rank maps the same files
+    if rt.master:
+        prepare_token_files(cfg, tokenizer, rt.log)
+    if rt.world_size > 1:
+        dist.barrier()
+    model_cfg = model.cfg if model else model_cfg
     meta, train_data, val_data = open_token_files(cfg, model_cfg.block_size)
     if model is None:
         tokenizer = tokenizer_from_state(meta["tokenizer"])
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.vocab))
-        model = GPT(model_cfg).to(device)
+        model = GPT(dataclasses.replace(model_cfg, vocab_size=len(tokenizer.vocab))).to(rt.device)
+    describe(meta, train_data, val_data, model, rt)
     # Loss is in nats per token; bits per character (char) or per byte (BPE) compare across tokenizers.
     unit = meta["unit"]
     bits_per_unit = len(val_data) / meta["val"]["characters" if unit == "char" else "bytes"] / math.log(2)
+    csv_log = CsvLog(os.path.join(cfg.out_dir, "log.csv"), ckpt["step"] if ckpt else None) if rt.master else NoLog()
+    tokens_per_step = cfg.batch_size * model.cfg.block_size * cfg.grad_accum * rt.world_size
+    # 3) optimizer and random state; resuming restores both, so the run continues exactly
+    run = Run(cfg, model, tokenizer, make_optimizer(model, cfg, rt.device_type), {"train": train_data, "val": val_data},
+              unit, bits_per_unit, ckpt_path, csv_log, tokens_per_step)
+    if ckpt is not None:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.step, run.best_val_loss, run.resumed = ckpt["step"], ckpt["best_val_loss"], True
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if ckpt["rng"]["cuda"] is not None and rt.device_type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+        rt.log(f"resumed from {ckpt_path} at step {run.step}")
+    return run
+
+
+def load_for_resume(ckpt_path, cfg, model_cfg, given, device):
+    """The checkpoint, its model and tokenizer, and its run's settings, except what this command line
+    sets again (say, a larger --max-iters); flags that fix the model must agree with it."""
+    ckpt, model = load_checkpoint(ckpt_path, device, model_cfg.attention if "attention" in given else None)
+    saved = TrainConfig(**ckpt["train_config"])
+    check_unchanged(given, (model_cfg, cfg), (model.cfg, saved))
+    cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
+    return ckpt, model, tokenizer_from_state(ckpt["tokenizer"]), cfg
+
+
+def describe(meta, train_data, val_data, model, rt):
+    """The data and the model, in two log lines."""
     n_docs = meta["train"]["documents"] + meta["val"]["documents"]
     docs = f"{n_docs:,} documents, " if meta["validation"] != "last 10 %" else ""
-    log(f"{docs}{meta['train']['characters'] + meta['val']['characters']:,} characters, {len(train_data):,} train "
-        f"and {len(val_data):,} val tokens, vocab {model_cfg.vocab_size}")
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params:,} parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
-        f"{model_cfg.n_embd} wide, block {model_cfg.block_size}) on {device}")
+    rt.log(f"{docs}{meta['train']['characters'] + meta['val']['characters']:,} characters, {len(train_data):,} train "
+           f"and {len(val_data):,} val tokens, vocab {model.cfg.vocab_size}")
+    m = model.cfg
+    rt.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({m.n_layer} layers, {m.n_head} heads, "
+           f"{m.n_embd} wide, block {m.block_size}) on {rt.device}")
 
-    # 2) optimizer and random state; resuming restores both, so the run continues exactly
-    optimizer = make_optimizer(model, cfg, device_type)
-    step, best_val_loss = 0, float("inf")
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"]["cuda"] is not None and device_type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-        log(f"resumed from {ckpt_path} at step {step}")
-    csv_log = CsvLog(os.path.join(cfg.out_dir, "log.csv"), step if ckpt else None) if master else NoLog()
-    raw_model = model  # the uncompiled, unwrapped module: what we evaluate, save and sample
-    if cfg.compile:
-        model = compile_or_fall_back(model, train_data, cfg, model_cfg.block_size, device, autocast)
-    if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-    def checkpoint():
-        if master:
-            save_checkpoint(ckpt_path, raw_model, optimizer, model_cfg, cfg, step, best_val_loss, tokenizer)
+def wrap_model(run, rt):
+    """What the steps run: the model, compiled with --compile, wrapped for data-parallel training under
+    torchrun. (Evaluating, saving and sampling use run.model itself.)"""
+    model = run.model
+    if run.cfg.compile:
+        model = compile_or_fall_back(model, run.data["train"], run.cfg, model.cfg.block_size, rt.device, rt.autocast)
+    if rt.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model
 
-    # 3) the loop; Ctrl-C finishes the current step, saves and exits (a second Ctrl-C kills at once)
-    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * world_size
-    def progress():  # where the run stands, for log.csv
-        tokens = step * tokens_per_step
-        return dict(step=step, tokens=tokens, flops=tokens * flops_per_token(model_cfg),
-                    seconds=round(time.perf_counter() - t_start, 3))
 
-    t_start = time.perf_counter() - csv_log.seconds_offset
-    t_log, steps_since_log = time.perf_counter(), 0
-    start_step, local_loss, step_loss = step, float("nan"), torch.full((), float("nan"))
-    stopping = False
-    with stop_on_signals(stop):
-        while True:
-            # (a resumed run has just been evaluated and saved at its first step)
-            if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (ckpt and step == start_step):
-                if master:
-                    losses = estimate_loss(raw_model, {"train": train_data, "val": val_data}, cfg,
-                                           model_cfg.block_size, device, autocast)
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                        f"(val {losses['val'] * bits_per_unit:.3f} bits/{unit})")
-                    csv_log.row(**progress(), lr=learning_rate(step, cfg), train_loss=losses["train"],
-                                val_loss=losses["val"], val_bits=losses["val"] * bits_per_unit)
-                    checkpoint()
-                t_log = time.perf_counter()  # evaluation time is not training time
-            if step >= cfg.max_iters:
-                break
-            if world_size == 1:
-                stopping = stop["requested"]
-            elif step % cfg.log_interval == 0:  # every rank must agree to stop, or the others would wait forever;
-                flag = torch.tensor([float(stop["requested"])], device=device)  # asked at log steps only: a sync
-                dist.all_reduce(flag)
-                stopping = flag.item() > 0  # kept apart from stop["requested"]: a Ctrl-C arriving now still counts
-            if stopping:
-                checkpoint()
-                message = f"saved step {step} to {ckpt_path}; continue with --resume"
-                if stop["why"] == "stdout closed":
-                    print(f"stdout closed: {message}", file=sys.stderr)
-                else:
-                    log(f"interrupted: {message}")
-                break
+def evaluation_due(run, start_step):
+    """Every eval_interval steps and at the end; a resumed run was evaluated and saved at its first step."""
+    due = run.step % run.cfg.eval_interval == 0 or run.step == run.cfg.max_iters
+    return due and not (run.resumed and run.step == start_step)
 
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            step_loss = torch.zeros((), device=device)
-            batches = batch_generator(cfg.seed, step, rank, world_size)
-            for micro_step in range(cfg.grad_accum):
-                x, y = get_batch(train_data, cfg.batch_size, model_cfg.block_size, batches, device)
-                last = micro_step == cfg.grad_accum - 1
-                # DDP all-reduces gradients in backward(); only the last micro-step needs it
-                with nullcontext() if world_size == 1 or last else model.no_sync():
-                    with autocast:
-                        _, loss = model(x, y)
-                    (loss / cfg.grad_accum).backward()
-                step_loss += loss.detach() / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_since_log += 1
 
-            if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                local_loss = step_loss.item()  # this rank's batches only
-                if world_size > 1:
-                    dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-                elapsed = time.perf_counter() - t_log
-                log(f"step {step}: loss {step_loss.item():.4f}, lr {lr:.2e}, {1000 * elapsed / steps_since_log:.1f} ms/step, "
-                    f"{tokens_per_step * steps_since_log / elapsed:,.0f} tokens/s")
-                csv_log.row(**progress(), lr=lr, train_loss=step_loss.item())
-                t_log, steps_since_log = time.perf_counter(), 0
-        if world_size > 1:
-            print_line(f"rank {rank}/{world_size}: finished at step {step}; last logged loss {local_loss:.6f} on this "
-                       f"rank's batches, {step_loss.item():.6f} all-reduced")
-    if world_size > 1:
+def evaluate_and_save(run, rt, clock):
+    """Rank 0 evaluates both splits, logs, and saves the checkpoint."""
+    if rt.master:
+        losses = estimate_loss(run.model, run.data, run.cfg, run.model.cfg.block_size, rt.device, rt.autocast)
+        run.best_val_loss = min(run.best_val_loss, losses["val"])
+        bits = losses["val"] * run.bits_per_unit
+        rt.log(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+               f"(val {bits:.3f} bits/{run.unit})")
+        run.csv_log.row(**run.progress(clock), lr=learning_rate(run.step, run.cfg), train_loss=losses["train"],
+                        val_loss=losses["val"], val_bits=bits)
+        run.save(rt)
+    clock.restart()  # evaluation time is not training time
+
+
+def stop_agreed(run, rt):
+    """Whether to stop now. With several ranks every one must agree, or the others would wait forever for
+    its gradients; they ask at log steps only, as asking is a sync."""
+    if rt.world_size == 1:
+        return rt.stop["requested"]
+    if run.step % run.cfg.log_interval:
+        return False
+    flag = torch.tensor([float(rt.stop["requested"])], device=rt.device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+def save_and_say_how_to_resume(run, rt):
+    run.save(rt)
+    message = f"saved step {run.step} to {run.ckpt_path}; continue with --resume"
+    if rt.stop["why"] == "stdout closed":
+        print(f"stdout closed: {message}", file=sys.stderr)
+    else:
+        rt.log(f"interrupted: {message}")
+
+
+def training_step(model, run, rt):
+    """One optimizer step: 1) the learning rate, 2) gradients summed over grad_accum micro-batches (DDP
+    all-reduces them in the last backward only), 3) clip, update. Returns the lr and the step's mean loss."""
+    cfg = run.cfg
+    lr = learning_rate(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    step_loss = torch.zeros((), device=rt.device)
+    batches = batch_generator(cfg.seed, run.step, rt.rank, rt.world_size)
+    for micro_step in range(cfg.grad_accum):
+        x, y = get_batch(run.data["train"], cfg.batch_size, run.model.cfg.block_size, batches, rt.device)
+        last = micro_step == cfg.grad_accum - 1
+        with nullcontext() if rt.world_size == 1 or last else model.no_sync():
+            with rt.autocast:
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+        step_loss += loss.detach() / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return lr, step_loss
+
+
+def log_progress(run, rt, clock, lr, step_loss):
+    """The log line of a step (its loss averaged over the ranks, in place); returns this rank's own loss."""
+    local_loss = step_loss.item()  # this rank's batches only
+    if rt.world_size > 1:
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    elapsed = time.perf_counter() - clock.last
+    rt.log(f"step {run.step}: loss {step_loss.item():.4f}, lr {lr:.2e}, {1000 * elapsed / clock.steps:.1f} ms/step, "
+           f"{run.tokens_per_step * clock.steps / elapsed:,.0f} tokens/s")
+    run.csv_log.row(**run.progress(clock), lr=lr, train_loss=step_loss.item())
+    clock.restart()
+    return local_loss
+
+
+def finish(run, rt, stopped):
+    """Tear down the process group; rank 0 draws loss.png and, unless stopped, prints a sample."""
+    if rt.world_size > 1:
         dist.barrier()  # rank 0 may still be evaluating: tearing down gloo under it aborts the process
         dist.destroy_process_group()
-    if master and cfg.plot:
-        title = f"{n_params / 1e6:.2f} M parameters ({model_cfg.n_layer} layers, {model_cfg.n_embd} wide) on {os.path.basename(os.path.normpath(cfg.input))}"
-        plot_losses(csv_log.path, os.path.join(cfg.out_dir, "loss.png"), title)
-    if master and not stopping and cfg.max_new_tokens > 0:
-        print_sample(raw_model, tokenizer, cfg, device)
-    return raw_model
+    m = run.model.cfg
+    if rt.master and run.cfg.plot:
+        n_params = sum(p.numel() for p in run.model.parameters())
+        title = (f"{n_params / 1e6:.2f} M parameters ({m.n_layer} layers, {m.n_embd} wide) on "
+                 f"{os.path.basename(os.path.normpath(run.cfg.input))}")
+        plot_losses(run.csv_log.path, os.path.join(run.cfg.out_dir, "loss.png"), title)
+    if rt.master and not stopped and run.cfg.max_new_tokens > 0:
+        print_sample(run.model, run.tokenizer, run.cfg, rt.device)
 
 
 def load_for_fine_tuning(cfg, model_cfg, given, device):
