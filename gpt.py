@@ -149,8 +149,8 @@ class TrainConfig:
 
 
 # Defaults per machine, chosen by measurement (see README): a 2-core CPU gets a small model with Muon,
-# RoPE, SwiGLU, an untied head and bf16 matmuls, 1700 steps in less time than GPT-2's recipe takes for
-# 2000 (0.9x measured); a GPU gets the classic 6x6x384 model; gpt2 is the CPU recipe before the modern options.
+# RoPE, SwiGLU, an untied head and bf16 matmuls, 1700 steps in no more time than GPT-2's recipe takes for
+# 2000 (0.9-1.0x measured); a GPU gets the classic 6x6x384 model; gpt2 is the CPU recipe before the modern options.
 PRESETS = {
     "gpt2": {},  # the dataclasses' defaults: GPT-2, as the defaults were before the modern options
     "cpu": dict(dtype="auto", optimizer="muon", muon_lr=0.01, mlp="swiglu", untied_head=True, rope=True, block_size=128,
