@@ -117,8 +117,9 @@ class TrainConfig:
                                                                         "--learning-rate is"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "float32, bfloat16 (autocast: matmuls in bf16, "
                                                                      "weights and optimizer in fp32) or auto: bfloat16 "
-                                                                     "where the hardware multiplies it natively (CUDA, "
-                                                                     "CPUs with AMX or AVX-512 BF16), else float32"})
+                                                                     "where the hardware multiplies it natively (GPUs "
+                                                                     "from Ampere on, CPUs with AMX or AVX-512 BF16), "
+                                                                     "else float32"})
     compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the model (eager if it fails)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue training from <out-dir>/ckpt.pt"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace a checkpoint in <out-dir>, else an error"})
@@ -638,7 +639,7 @@ def apply_rope(x, cos, sin):
     """Rotate each pair (x[i], x[i + hd/2]) by its position's angle: x (B, H, T, hd), cos/sin (T, hd/2)."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, hd/2) each
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # bf16 under autocast: mixing in float32 costs a third more
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class KVCache:
@@ -726,7 +727,6 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         # qk-norm: unit-RMS q and k per head bound q·k/sqrt(hd), so a large learning rate cannot saturate softmax
-        self.qk_norm = cfg.qk_norm
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if cfg.qk_norm else None
         self.dropout = cfg.dropout
@@ -740,7 +740,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        if self.qk_norm:  # in float32 (RMSNorm's weight is float32; under autocast q and k arrive in bf16)
+        if self.q_norm is not None:  # in float32 (RMSNorm's weight is float32; under autocast q and k arrive in bf16)
             q, k = self.q_norm(q.float()).type_as(q), self.k_norm(k.float()).type_as(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -1010,10 +1010,10 @@ def make_optimizer(model, cfg, device_type):
 
 
 def native_bf16(device_type):
-    """Whether this device multiplies bfloat16 in hardware: CUDA, and CPUs with AMX or AVX-512 BF16. Elsewhere
-    bf16 is emulated, slower than float32."""
+    """Whether this device multiplies bfloat16 in hardware: GPUs from Ampere on, and CPUs with AMX or AVX-512
+    BF16. Elsewhere bf16 is emulated, slower than float32."""
     if device_type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     cpu_has = lambda name: getattr(torch.cpu, name, lambda: False)()  # private: absent in some torch builds
     return device_type == "cpu" and (cpu_has("_is_amx_tile_supported") or cpu_has("_is_avx512_bf16_supported"))
 
@@ -1323,14 +1323,13 @@ def _train(cfg, model_cfg, given):
 @dataclasses.dataclass
 class Runtime:
     """This process's place in a run: its device, its rank among torchrun's processes (only rank 0 logs,
-    evaluates and saves), its precision, and whether a stop was asked for (by Ctrl-C, SIGTERM or a
-    closed stdout: the loop then saves and stops)."""
+    evaluates and saves), and whether a stop was asked for (by Ctrl-C, SIGTERM or a closed stdout: the
+    loop then saves and stops)."""
     device: str
     device_type: str
     rank: int
     world_size: int
     local_rank: int
-    autocast: object
     stop: dict = dataclasses.field(default_factory=lambda: {"requested": False, "why": "interrupted"})
 
     @property
@@ -1353,7 +1352,7 @@ def setup_runtime(cfg):
     if device_type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads() // world_size))  # torch uses all cores; share them
     torch.manual_seed(cfg.seed)
-    return Runtime(device, device_type, rank, world_size, local_rank, make_autocast(device_type, cfg.dtype))
+    return Runtime(device, device_type, rank, world_size, local_rank)
 
 
 @dataclasses.dataclass
@@ -1369,6 +1368,7 @@ class Run:
     ckpt_path: str
     csv_log: object
     tokens_per_step: int
+    autocast: object  # the run's precision (a resumed run keeps its own --dtype unless given again)
     step: int = 0
     best_val_loss: float = math.inf
     resumed: bool = False
@@ -1415,7 +1415,7 @@ def prepare_run(cfg, model_cfg, given, rt):
         prepare_token_files(cfg, tokenizer, rt.log)
     if rt.world_size > 1:
         dist.barrier()
-    model_cfg = model.cfg if model else model_cfg
+    model_cfg = model.cfg if model is not None else model_cfg
     meta, train_data, val_data = open_token_files(cfg, model_cfg.block_size)
     if model is None:
         tokenizer = tokenizer_from_state(meta["tokenizer"])
@@ -1428,7 +1428,7 @@ def prepare_run(cfg, model_cfg, given, rt):
     tokens_per_step = cfg.batch_size * model.cfg.block_size * cfg.grad_accum * rt.world_size
     # 3) optimizer and random state; resuming restores both, so the run continues exactly
     run = Run(cfg, model, tokenizer, make_optimizer(model, cfg, rt.device_type), {"train": train_data, "val": val_data},
-              unit, bits_per_unit, ckpt_path, csv_log, tokens_per_step)
+              unit, bits_per_unit, ckpt_path, csv_log, tokens_per_step, make_autocast(rt.device_type, cfg.dtype))
     if ckpt is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.step, run.best_val_loss, run.resumed = ckpt["step"], ckpt["best_val_loss"], True
@@ -1465,7 +1465,7 @@ def wrap_model(run, rt):
     torchrun. (Evaluating, saving and sampling use run.model itself.)"""
     model = run.model
     if run.cfg.compile:
-        model = compile_or_fall_back(model, run.data["train"], run.cfg, model.cfg.block_size, rt.device, rt.autocast)
+        model = compile_or_fall_back(model, run.data["train"], run.cfg, model.cfg.block_size, rt.device, run.autocast)
     if rt.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     return model
@@ -1480,7 +1480,7 @@ def evaluation_due(run, start_step):
 def evaluate_and_save(run, rt, clock):
     """Rank 0 evaluates both splits, logs, and saves the checkpoint."""
     if rt.master:
-        losses = estimate_loss(run.model, run.data, run.cfg, run.model.cfg.block_size, rt.device, rt.autocast)
+        losses = estimate_loss(run.model, run.data, run.cfg, run.model.cfg.block_size, rt.device, run.autocast)
         run.best_val_loss = min(run.best_val_loss, losses["val"])
         bits = losses["val"] * run.bits_per_unit
         rt.log(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
@@ -1504,6 +1504,7 @@ def stop_agreed(run, rt):
 
 
 def save_and_say_how_to_resume(run, rt):
+    """Save where the run stopped, and say how to go on (on stderr if stdout has gone)."""
     run.save(rt)
     message = f"saved step {run.step} to {run.ckpt_path}; continue with --resume"
     if rt.stop["why"] == "stdout closed":
@@ -1525,7 +1526,7 @@ def training_step(model, run, rt):
         x, y = get_batch(run.data["train"], cfg.batch_size, run.model.cfg.block_size, batches, rt.device)
         last = micro_step == cfg.grad_accum - 1
         with nullcontext() if rt.world_size == 1 or last else model.no_sync():
-            with rt.autocast:
+            with run.autocast:
                 _, loss = model(x, y)
             (loss / cfg.grad_accum).backward()
         step_loss += loss.detach() / cfg.grad_accum
@@ -1945,13 +1946,13 @@ def bench_data(cfg, keep):
     print(f"data path: corpora of 1 MB files (speeches of input.txt in random order) in {root}; each case "
           f"tokenizes, then trains the cpu preset's model 50 steps ({os.cpu_count()} cores{load})")
     print(f"{'MB':>6} {'tokenizer':>9} {'tokenize s':>10} {'MB/s':>6} {'BPE train s':>11} {'50 steps s':>10} {'peak RSS MiB':>12}")
-    cases = []
+    cases = {}
     try:
         for mb in sizes:
             corpus = make_corpus(os.path.join(root, f"corpus-{mb}mb"), mb)
             for tokenizer in ("char", "bpe"):
                 case = bench_data_case(corpus, tokenizer, os.path.join(root, f"run-{mb}mb-{tokenizer}"))
-                cases.append(case)
+                cases[mb, tokenizer] = case
                 print(f"{mb:>6} {tokenizer:>9} {case['tokenize']:>10.1f} {case['mb'] / case['tokenize']:>6.1f} "
                       f"{case['bpe_train']:>11.1f} {case['train']:>10.1f} {case['peak'] / 2**20:>12.0f}", flush=True)
     finally:
@@ -1959,9 +1960,9 @@ def bench_data(cfg, keep):
             shutil.rmtree(root, ignore_errors=True)
     # the speed target is for the largest corpus: on small ones, training BPE on its sample and starting
     # the threads take a fixed second or so, which is not a speed
-    at_largest = {case["tokenizer"]: case["mb"] / case["tokenize"] for case in cases[-2:]}
+    at_largest = {tokenizer: case["mb"] / case["tokenize"] for (mb, tokenizer), case in cases.items() if mb == sizes[-1]}
     slowest = min(at_largest.values())
-    largest = max(case["peak"] for case in cases) / 2**30
+    largest = max(case["peak"] for case in cases.values()) / 2**30
     print(f"tokenization at {sizes[-1]} MB: char {at_largest['char']:.1f}, BPE {at_largest['bpe']:.1f} MB/s (target: 20 "
           f"or more): {'met' if slowest >= 20 else 'MISSED'}")
     print(f"largest peak RSS: {largest:.2f} GiB (target: under 1.5): {'met' if largest < 1.5 else 'MISSED'}")
@@ -1997,7 +1998,7 @@ def bench_data_case(corpus, tokenizer, out_dir):
                          f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
     result, meta = json.loads(done.stdout.strip().splitlines()[-1]), read_token_meta(out_dir)
     bpe_train = re.search(r"^trained a BPE tokenizer of \d+ tokens in ([\d.]+) s$", done.stdout, re.M)
-    return dict(tokenizer=tokenizer, mb=meta["bytes"] / 1e6, tokenize=meta["seconds"], train=result["seconds"] - meta["seconds"],
+    return dict(mb=meta["bytes"] / 1e6, tokenize=meta["seconds"], train=result["seconds"] - meta["seconds"],
                 bpe_train=float(bpe_train.group(1)) if bpe_train else 0.0, peak=result["peak"])
 
 

@@ -1183,8 +1183,17 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
         torch.testing.assert_close(p.detach(), before[n] * shrink, msg=n)
 
 
-def test_dtype_picks_the_autocast_and_attention_stays_in_float32_under_it(monkeypatch):
+def test_dtype_picks_the_autocast_and_sdpa_and_flash_stay_in_float32_under_it(monkeypatch):
     assert not isinstance(gpt.make_autocast("cpu", "float32"), torch.autocast)
+    # native bf16: a CPU with AMX or AVX-512 BF16 (either will do), a GPU from Ampere on, never MPS
+    for amx, avx512_bf16 in [(False, False), (True, False), (False, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx512_bf16: avx)
+        assert gpt.native_bf16("cpu") == (amx or avx512_bf16)
+    for ampere in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, a=ampere: a)
+        assert gpt.native_bf16("cuda") == ampere
+    assert not gpt.native_bf16("mps")
     for native in (True, False):  # auto: bf16 only where the hardware multiplies it natively
         monkeypatch.setattr(gpt, "native_bf16", lambda device_type, native=native: native)
         with gpt.make_autocast("cpu", "auto"):
@@ -1692,6 +1701,26 @@ def test_gradient_accumulation_equals_one_batch_of_all_the_micro_batches(tmp_pat
         torch.testing.assert_close(seen["grads"][name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_resume_keeps_the_runs_dtype_unless_given_again(tmp_path, monkeypatch, capsys):
+    """A run trained with --dtype bfloat16 resumes in bf16 where auto would mean float32 (a machine
+    without native bf16), and gives the losses of one uninterrupted run."""
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gpt, "native_bf16", lambda device_type: False)  # auto: float32 here
+    flags = ["--input", "tiny.txt", *TINY_FLAGS, "--min-lr-ratio", "1.0", "--eval-interval", "1000", "--log-interval",
+             "1", "--max-new-tokens", "0"]
+    step_losses = lambda text: dict(re.findall(r"^step (\d+): loss ([0-9.]+)", text, re.M))  # noqa: E731
+    gpt.main([*flags, "--dtype", "bfloat16", "--max-iters", "8", "--out-dir", "one"])
+    reference = step_losses(capsys.readouterr().out)
+    gpt.main([*flags, "--dtype", "bfloat16", "--max-iters", "4", "--out-dir", "two"])
+    gpt.main([*flags, "--max-iters", "8", "--out-dir", "two", "--resume"])  # no --dtype: the checkpoint's
+    resumed = step_losses(capsys.readouterr().out)
+    assert [resumed[str(s)] for s in range(5, 9)] == [reference[str(s)] for s in range(5, 9)]
+    gpt.main([*flags, "--dtype", "float32", "--max-iters", "4", "--out-dir", "three"])
+    gpt.main([*flags, "--max-iters", "8", "--out-dir", "three", "--resume", "--dtype", "bfloat16"])  # given: it counts
+    assert torch.load(os.path.join("three", "ckpt.pt"), weights_only=True)["train_config"]["dtype"] == "bfloat16"
+
+
 def test_gpt_stop_and_resume_gives_the_same_losses_as_one_run(tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     # a flat learning rate after warmup, so the schedule does not depend on --max-iters; dropout on,
@@ -2097,9 +2126,9 @@ def test_fine_tuning_starts_from_the_checkpoints_weights_and_rejects_a_mismatche
     pre_ckpt, pre = gpt.load_checkpoint(os.path.join("pre", "ckpt.pt"), "cpu")
     _, train, _ = gpt.open_token_files(gpt.TrainConfig(input="play.txt", out_dir="tune"), 16)
     x, y = gpt.get_batch(train, 4, 16, gpt.batch_generator(1337, 0, 0, 1), "cpu")
-    with torch.no_grad(), gpt.make_autocast("cpu", gpt.TrainConfig(**pre_ckpt["train_config"]).dtype):
-        assert close_to_printed(logged, pre(x, y)[1].item(), 4)  # the pretrained model's loss on that batch
     tuned = torch.load(os.path.join("tune", "ckpt.pt"), weights_only=True)
+    with torch.no_grad(), gpt.make_autocast("cpu", tuned["train_config"]["dtype"]):  # the fine-tuning run's precision
+        assert close_to_printed(logged, pre(x, y)[1].item(), 4)  # the pretrained model's loss on that batch
     assert tuned["step"] == 1 and tuned["tokenizer"] == pre_ckpt["tokenizer"]  # the pretraining text's characters
     assert not torch.equal(tuned["model"]["wte.weight"], pre_ckpt["model"]["wte.weight"])  # and it trained
     # what the checkpoint cannot take: a character outside its vocabulary, other model or tokenizer flags
