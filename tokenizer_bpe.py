@@ -143,6 +143,72 @@ def best_pair(counts):
     return min(counts, key=lambda pair: (-counts[pair], pair))
 
 
+class PairIndex:
+    """What makes training fast. Each distinct chunk is stored once, weighted by how often it
+    occurs; the chunks lie end to end in one list of ids, linked by nxt/prv (-1 ends a chunk), so
+    a merge is O(1) in place. pair_counts holds each pair's weighted count, and where the positions
+    at which it starts (some gone stale after later merges; merge() skips those)."""
+
+    def __init__(self, chunk_counts):
+        self.ids, self.weight, self.nxt, self.prv = [], [], [], []
+        self.pair_counts, self.where = defaultdict(int), defaultdict(list)
+        chunk_counts.pop("", None)  # a custom pattern may match empty strings
+        for chunk, count in chunk_counts.items():
+            chunk_ids = chunk.encode("utf-8")
+            start, end = len(self.ids), len(self.ids) + len(chunk_ids)
+            self.ids += chunk_ids
+            self.weight += [count] * len(chunk_ids)
+            self.nxt += range(start + 1, end + 1)
+            self.prv += range(start - 1, end - 1)
+            self.nxt[-1] = self.prv[start] = -1
+            for p, pair in enumerate(zip(chunk_ids, chunk_ids[1:]), start):
+                self.pair_counts[pair] += count
+                self.where[pair].append(p)
+
+    def merge(self, pair, new_id):
+        """Merge every occurrence of pair, changing only the counts next to each one: in x a b y,
+        the pairs (x,a) (a,b) (b,y) become (x,new) (new,y). Returns the pairs whose count rose
+        (and is above 1: a pair seen once can never be the best), with their new counts."""
+        ids, weight, nxt, prv, where = self.ids, self.weight, self.nxt, self.prv, self.where
+        a, b = pair
+        positions = where.pop(pair)
+        if a == b:  # runs like aaa overlap: merge them left to right, as merge() does
+            positions = sorted(positions)
+        delta = defaultdict(int)
+        for p in positions:
+            q = nxt[p]
+            if ids[p] != a or q < 0 or ids[q] != b:
+                continue  # stale: an earlier merge changed this place
+            freq = weight[p]
+            left, right = prv[p], nxt[q]
+            if left >= 0:
+                x = ids[left]
+                delta[x, a] -= freq
+                delta[x, new_id] += freq
+                where[x, new_id].append(left)
+            if right >= 0:
+                y = ids[right]
+                delta[b, y] -= freq
+                delta[new_id, y] += freq
+                where[new_id, y].append(p)
+                prv[right] = p
+            ids[p], ids[q], nxt[p] = new_id, -1, right
+        del self.pair_counts[pair]  # every occurrence is merged, so the pair is gone
+        delta.pop(pair, None)  # runs like aaaa also counted it as a neighbour
+        risen = []
+        for changed, d in delta.items():
+            if not d:
+                continue
+            count = self.pair_counts[changed] + d
+            if count:
+                self.pair_counts[changed] = count
+            else:
+                del self.pair_counts[changed]
+            if d > 0 and count > 1:
+                risen.append((changed, count))
+        return risen
+
+
 class BPETokenizer:
     def __init__(self, pattern="gpt4", special_tokens=(ENDOFTEXT,)):
         """pattern: 'gpt4', 'gpt2', None (no split) or a regex string; special_tokens: their
@@ -231,81 +297,29 @@ class BPETokenizer:
 
     def train(self, text, vocab_size, verbose=False):
         """The same merges as train_naive, fast: after one pass over the text, each merge
-        touches only the places where its pair occurs."""
+        touches only the places where its pair occurs (PairIndex)."""
         n_merges = self._start_training(text, vocab_size)
-        # 1) Each distinct chunk once, weighted by how often it occurs. The chunks lie end to end
-        #    in one list of ids, linked by nxt/prv (-1 ends a chunk): a merge is O(1) in place.
-        ids, weight, nxt, prv = [], [], [], []
-        pair_counts, where = defaultdict(int), defaultdict(list)  # where: pair -> positions
-        chunk_counts = Counter(self.split(text))
-        chunk_counts.pop("", None)  # a custom pattern may match empty strings
-        for chunk, count in chunk_counts.items():
-            chunk_ids = chunk.encode("utf-8")
-            start, end = len(ids), len(ids) + len(chunk_ids)
-            ids += chunk_ids
-            weight += [count] * len(chunk_ids)
-            nxt += range(start + 1, end + 1)
-            prv += range(start - 1, end - 1)
-            nxt[-1] = prv[start] = -1
-            # 2) Count each pair once, weighted, and remember where it starts.
-            for p, pair in enumerate(zip(chunk_ids, chunk_ids[1:]), start):
-                pair_counts[pair] += count
-                where[pair].append(p)
-        # 3) A heap of (-count, pair) gives the best pair first. Counts change after each merge:
-        #    a rise pushes a fresh entry, and an entry gone stale is fixed when it reaches the top.
-        heap = [(-count, pair) for pair, count in pair_counts.items()]
+        index = PairIndex(Counter(self.split(text)))
+        # A heap of (-count, pair) gives the best pair first. Counts change after each merge:
+        # a rise pushes a fresh entry, and an entry gone stale is fixed when it reaches the top.
+        heap = [(-count, pair) for pair, count in index.pair_counts.items()]
         heapq.heapify(heap)
         merges, vocab = {}, {i: bytes([i]) for i in range(256)}
         while len(merges) < n_merges and heap:
             neg_count, pair = heap[0]
-            count = pair_counts.get(pair, 0)
+            count = index.pair_counts.get(pair, 0)
             if count != -neg_count:
                 heapq.heapreplace(heap, (-count, pair)) if count else heapq.heappop(heap)
                 continue
             if count < 2:
                 break
             new_id = merges[pair] = 256 + len(merges)
-            # 4) Merge in place, changing only the counts next to each occurrence:
-            #    in x a b y, the pairs (x,a) (a,b) (b,y) become (x,new) (new,y).
-            a, b = pair
-            positions = where.pop(pair)
-            if a == b:  # runs like aaa overlap: merge them left to right, as merge() does
-                positions = sorted(positions)
-            delta = defaultdict(int)
-            for p in positions:
-                q = nxt[p]
-                if ids[p] != a or q < 0 or ids[q] != b:
-                    continue  # stale: an earlier merge changed this place
-                freq = weight[p]
-                left, right = prv[p], nxt[q]
-                if left >= 0:
-                    x = ids[left]
-                    delta[x, a] -= freq
-                    delta[x, new_id] += freq
-                    where[x, new_id].append(left)
-                if right >= 0:
-                    y = ids[right]
-                    delta[b, y] -= freq
-                    delta[new_id, y] += freq
-                    where[new_id, y].append(p)
-                    prv[right] = p
-                ids[p], ids[q], nxt[p] = new_id, -1, right
-            del pair_counts[pair]  # every occurrence is merged, so the pair is gone
-            delta.pop(pair, None)  # runs like aaaa also counted it as a neighbour
-            for changed, d in delta.items():
-                if not d:
-                    continue
-                count = pair_counts[changed] + d
-                if count:
-                    pair_counts[changed] = count
-                else:
-                    del pair_counts[changed]
-                if d > 0 and count > 1:  # a pair seen once can never be the best
-                    heapq.heappush(heap, (-count, changed))
-            vocab[new_id] = vocab[a] + vocab[b]
+            for risen, new_count in index.merge(pair, new_id):
+                heapq.heappush(heap, (-new_count, risen))
+            vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
             done = len(merges)
             if verbose and (done % max(1, n_merges // 10) == 0 or done == n_merges):
-                print(f"merge {done:5d}/{n_merges}: {show(vocab[new_id])} (count {-neg_count})")
+                print(f"merge {done:5d}/{n_merges}: {show(vocab[new_id])} (count {count})")
         self._finish_training(merges, vocab_size)
 
     # ---- encoding and decoding ----
