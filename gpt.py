@@ -1,19 +1,25 @@
-"""A complete decoder-only GPT in one file: tokenizer, model, training, checkpoints, generation.
+"""A GPT from scratch in one file: the model, its training and its generation, then the lab around them.
 
-    python gpt.py                         # train on input.txt, save out/ckpt.pt, print a sample
-    python gpt.py --sample --prompt "ROMEO:"   # sample from the saved checkpoint
-    torchrun --standalone --nproc_per_node=2 gpt.py   # data-parallel training on 2 GPUs (or CPU procs)
-    python gpt.py --input corpus/ --tokenizer bpe --out-dir out-pre    # pretrain on a directory of texts
+    python gpt.py                                # train on input.txt, save out/ckpt.pt, print a sample
+    python gpt.py --sample --prompt "ROMEO:"     # sample from the saved checkpoint
+    python gpt.py --help                         # every flag, with the defaults that apply on this machine
+    python gpt.py --input corpus/ --tokenizer bpe --out-dir out-pre                 # pretrain on a directory of texts
     python gpt.py --init-from out-pre/ckpt.pt --input play.txt --out-dir out-play   # then fine-tune on one
-    python gpt.py --bench-attention       # attention three ways: time and memory, T = 256 ... 16384
-    python gpt.py --bench-data 1000       # the data path on 10 MB ... 1 GB: MB/s and peak memory
-    python gpt.py --preset gpt2 --ablation options   # what each modern option buys over GPT-2, 3 seeds
+    torchrun --standalone --nproc_per_node=2 gpt.py   # data-parallel training on 2 GPUs (or 2 CPU processes)
 
-Read it top to bottom: config, data (and data at scale: token files), model (attention -> block ->
-GPT, GPT-2 and what modern models changed), training (AdamW, Muon), sampling, FlashAttention-2 from
-scratch, the attention and data benchmarks, experiments, main().
+The file has three parts. Part I is the lesson: a reader who stops at its end has read everything that
+`python gpt.py` does that teaches something; it calls the machinery by names that say what they do.
+  Part I    The GPT (line ~PART1). Config; data: text -> token ids -> batches; the model: attention as the formula,
+            then with a cache and grouped-query heads, the MLP, the block, the GPT and what modern models
+            changed; generation; training: the schedule, AdamW and Muon, evaluation, the loop.
+  Part II   Further lessons (line ~PART2). FlashAttention-2 from scratch and the attention benchmark; experiments:
+            loss curves, a scaling-law sweep, what the embeddings learned, ablations; the data benchmark.
+  Part III  Machinery (line ~PART3). What a user relies on and a learner may skip: token files for corpora larger
+            than memory, checkpoints that are never lost and the out-dir lock, signals and pipes, torchrun,
+            the command line and its checks, main().
 """
 import argparse
+import csv
 import dataclasses
 import errno
 import gc
@@ -43,43 +49,49 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes, so old files fail with a clear message
+
+# ==============================================================================================
+# Part I — the GPT
+# ==============================================================================================
+
+# ---- Config: the single source of every hyperparameter; each field is also a --flag ----------
+
+def flag(default, help, valid=None, choices=None):
+    """A config field and its --flag (add_flags, Part III): help, and what values it takes; a bad one is a
+    one-line error that names the flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "valid": valid, "choices": choices})
 
 
-# ----------------------------------------------------------------------------------------------
-# Config: the single source of every hyperparameter; each field is also a --flag.
-# ----------------------------------------------------------------------------------------------
+# What a numeric flag takes: (what to say, the test); nan fails every test.
+AT_LEAST_1, COUNT = ("at least 1", lambda x: x >= 1), ("0 or more", lambda x: x >= 0)
+POSITIVE, NOT_NEGATIVE = ("positive", lambda x: 0 < x < math.inf), ("a finite number >= 0", lambda x: 0 <= x < math.inf)
+BELOW_1 = ("in [0, 1)", lambda x: 0 <= x < 1)
+NUMBERS = ("comma-separated positive numbers", lambda text: all(0 < float(x) < math.inf for x in text.split(",")))
+
 
 @dataclasses.dataclass
 class GPTConfig:
-    block_size: int = dataclasses.field(default=64, metadata={"help": "context length in tokens"})
-    n_layer: int = dataclasses.field(default=2, metadata={"help": "transformer blocks"})
-    n_head: int = dataclasses.field(default=4, metadata={"help": "query heads per attention layer"})
-    n_kv_head: int = dataclasses.field(default=0, metadata={"help": "key/value heads (grouped-query); 0 = n_head, 1 = multi-query"})
-    n_embd: int = dataclasses.field(default=128, metadata={"help": "embedding width"})
-    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout probability while training"})
-    bias: bool = dataclasses.field(default=True, metadata={"help": "biases in Linear and LayerNorm layers, as GPT-2"})
-    rope: bool = dataclasses.field(default=False, metadata={"help": "rotary position embeddings, no position table"})
-    attention: str = dataclasses.field(default="sdpa", metadata={"help": "sdpa (the fused kernel), math (the formula "
-                                                                         "written out) or flash (FlashAttention-2 in PyTorch)"})
-    # The modern options, each one difference from GPT-2 (see "Model"); the defaults here are GPT-2's,
-    # PRESETS below holds the measured choice.
-    norm: str = dataclasses.field(default="layernorm", metadata={"help": "layernorm (GPT-2) or rmsnorm (scale only: "
-                                                                         "no mean, no bias)"})
-    post_ln: bool = dataclasses.field(default=False, metadata={"help": "normalise after each residual add, as the 2017 "
-                                                                        "transformer (default: before, pre-LN)"})
-    mlp: str = dataclasses.field(default="gelu", metadata={"help": "gelu (GPT-2), relu2 (ReLU squared) or swiglu "
-                                                                   "(gated, same parameter count)"})
-    qk_norm: bool = dataclasses.field(default=False, metadata={"help": "RMS-normalise queries and keys per head "
-                                                                        "before their dot product"})
-    untied_head: bool = dataclasses.field(default=False, metadata={"help": "an output layer of its own instead of "
-                                                                            "the token embedding table"})
-    zero_init: bool = dataclasses.field(default=False, metadata={"help": "output projections start at zero: each "
-                                                                          "block starts as the identity"})
-    softcap: float = dataclasses.field(default=0.0, metadata={"help": "squash the logits into (-softcap, softcap) "
-                                                                       "with tanh; 0 = off"})
-    residual: bool = dataclasses.field(default=True, metadata={"help": "residual connections (--no-residual: an "
-                                                                        "ablation, to see a block fail without them)"})
+    """The model. The defaults are GPT-2's design at a small size; the modern options below each change one thing."""
+    block_size: int = flag(64, "context length in tokens", AT_LEAST_1)
+    n_layer: int = flag(2, "transformer blocks", AT_LEAST_1)
+    n_head: int = flag(4, "query heads per attention layer", AT_LEAST_1)
+    n_kv_head: int = flag(0, "key/value heads (grouped-query); 0 = n_head, 1 = multi-query", COUNT)
+    n_embd: int = flag(128, "embedding width", AT_LEAST_1)
+    dropout: float = flag(0.0, "dropout probability while training", BELOW_1)
+    bias: bool = flag(True, "biases in Linear and LayerNorm layers, as GPT-2")
+    attention: str = flag("sdpa", "sdpa (the fused kernel), math (the formula written out) or flash (FlashAttention-2)",
+                          choices=("sdpa", "math", "flash"))
+    rope: bool = flag(False, "rotary position embeddings, no position table")
+    norm: str = flag("layernorm", "layernorm (GPT-2) or rmsnorm (scale only: no mean, no bias)",
+                     choices=("layernorm", "rmsnorm"))
+    post_ln: bool = flag(False, "normalise after each residual add, as the 2017 transformer (default: before, pre-LN)")
+    mlp: str = flag("gelu", "gelu (GPT-2), relu2 (ReLU squared) or swiglu (gated, same parameter count)",
+                    choices=("gelu", "relu2", "swiglu"))
+    qk_norm: bool = flag(False, "RMS-normalise queries and keys per head before their dot product")
+    untied_head: bool = flag(False, "an output layer of its own instead of the token embedding table")
+    zero_init: bool = flag(False, "output projections start at zero: each block starts as the identity")
+    softcap: float = flag(0.0, "squash the logits into (-softcap, softcap) with tanh; 0 = off", NOT_NEGATIVE)
+    residual: bool = flag(True, "residual connections (--no-residual: an ablation, to see a block fail without them)")
     vocab_size: int = 0  # derived from the tokenizer, so it has no flag
 
     def kv_heads(self):
@@ -88,72 +100,64 @@ class GPTConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    input: str = dataclasses.field(default="input.txt", metadata={"help": "training text (UTF-8): a file, a directory (its "
-                                                                       "*.txt and *.jsonl files) or a quoted glob"})
-    out_dir: str = dataclasses.field(default="out", metadata={"help": "where ckpt.pt and the token files are written and read"})
-    preset: str = dataclasses.field(default="auto", metadata={"help": "default settings: cpu, gpu, gpt2 (GPT-2 as it "
-                                                                       "was), or auto (gpu on CUDA)"})
-    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    seed: int = dataclasses.field(default=1337, metadata={"help": "random seed"})
-    tokenizer: str = dataclasses.field(default="char", metadata={"help": "char, or bpe (tokenizer_bpe.py)"})
-    vocab_size: int = dataclasses.field(default=512, metadata={"help": "BPE vocabulary size, with --tokenizer bpe"})
-    bpe_sample_mb: float = dataclasses.field(default=10.0, metadata={"help": "BPE learns its merges from the first this "
-                                                                             "many MB (million characters) of training text"})
-    max_iters: int = dataclasses.field(default=2000, metadata={"help": "optimizer steps"})
-    eval_interval: int = dataclasses.field(default=500, metadata={"help": "steps between evaluations and checkpoints"})
-    eval_iters: int = dataclasses.field(default=20, metadata={"help": "batches per split in each evaluation"})
-    log_interval: int = dataclasses.field(default=100, metadata={"help": "steps between log lines"})
-    batch_size: int = dataclasses.field(default=32, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = dataclasses.field(default=1, metadata={"help": "micro-batches per optimizer step (per process)"})
-    learning_rate: float = dataclasses.field(default=6e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = dataclasses.field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak"})
-    warmup_iters: int = dataclasses.field(default=100, metadata={"help": "steps of linear learning-rate warmup"})
-    weight_decay: float = dataclasses.field(default=0.1, metadata={"help": "AdamW weight decay on 2-D weights"})
-    beta2: float = dataclasses.field(default=0.99, metadata={"help": "AdamW beta2"})
-    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 = off"})
-    optimizer: str = dataclasses.field(default="adamw", metadata={"help": "adamw, or muon (Muon for the blocks' "
-                                                                          "matrices, AdamW for the rest)"})
-    muon_lr: float = dataclasses.field(default=0.02, metadata={"help": "Muon's peak learning rate, scheduled as "
-                                                                        "--learning-rate is"})
-    dtype: str = dataclasses.field(default="float32", metadata={"help": "float32, bfloat16 (autocast: matmuls in bf16, "
-                                                                     "weights and optimizer in fp32) or auto: bfloat16 "
-                                                                     "where the hardware multiplies it natively (GPUs "
-                                                                     "from Ampere on, CPUs with AMX or AVX-512 BF16), "
-                                                                     "else float32"})
-    compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the model (eager if it fails)"})
-    resume: bool = dataclasses.field(default=False, metadata={"help": "continue training from <out-dir>/ckpt.pt"})
-    overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace a checkpoint in <out-dir>, else an error"})
-    init_from: str = dataclasses.field(default="", metadata={"help": "fine-tune: start from this checkpoint's weights and "
-                                                                    "tokenizer, with a fresh optimizer and schedule"})
-    sample: bool = dataclasses.field(default=False, metadata={"help": "only sample from <out-dir>/ckpt.pt"})
-    prompt: str = dataclasses.field(default="", metadata={"help": "text the sample continues; empty: start after a newline"})
-    max_new_tokens: int = dataclasses.field(default=500, metadata={"help": "tokens to generate"})
-    temperature: float = dataclasses.field(default=0.8, metadata={"help": "sampling temperature; 0 = greedy"})
-    top_k: int = dataclasses.field(default=0, metadata={"help": "sample among the k likeliest tokens; 0 = off"})
-    top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus: smallest set with this probability; 1 = off"})
-    kv_cache: bool = dataclasses.field(default=True, metadata={"help": "generate with the KV cache (or recompute the context)"})
-    bench_attention: bool = dataclasses.field(default=False, metadata={"help": "only time sdpa, math and flash attention "
-                                                                                "for T = 256 ... 16384 and measure their memory"})
-    bench_mem_gib: float = dataclasses.field(default=6.0, metadata={"help": "memory cap of each --bench-attention case (GiB)"})
-    bench_data: int = dataclasses.field(default=0, metadata={"help": "only benchmark the data path on generated corpora of "
-                                                                     "10 MB up to this many MB: tokenize (char, BPE 4096), "
-                                                                     "train 50 steps, print MB/s and peak memory"})
-    plot: bool = dataclasses.field(default=True, metadata={"help": "draw <out-dir>/loss.png from log.csv when training ends"})
-    # experiments (section "Experiments" below): each replaces training with a study
-    sweep: bool = dataclasses.field(default=False, metadata={"help": "scaling-law sweep: train every width at every budget"})
-    sweep_budgets: str = dataclasses.field(default="3e11,1e12,3e12", metadata={"help": "training FLOPs of each sweep budget"})
-    sweep_widths: str = dataclasses.field(default="16,24,32,48,64", metadata={"help": "n_embd of each sweep model"})
-    ablation: str = dataclasses.field(default="", metadata={"help": "options or depth: train each row of the "
-                                                                    "ablation for every --ablation-seeds"})
-    ablation_seeds: str = dataclasses.field(default="1,2,3", metadata={"help": "seeds of each ablation row"})
-    embeddings: bool = dataclasses.field(default=False, metadata={"help": "show what <out-dir>/ckpt.pt's token embeddings learned"})
+    """The run: data, training, sampling, where files go; and the lab's studies (Part II)."""
+    input: str = flag("input.txt", "training text (UTF-8): a file, a directory (its *.txt, *.jsonl) or a quoted glob")
+    out_dir: str = flag("out", "where ckpt.pt, log.csv and loss.png (and token files) are written and read")
+    preset: str = flag("auto", "default settings: cpu, gpu, gpt2 (GPT-2 as it was), or auto (gpu on CUDA)",
+                       choices=("auto", "cpu", "gpu", "gpt2"))
+    device: str = flag("auto", "auto, cpu, cuda or mps", choices=("auto", "cpu", "cuda", "mps"))
+    seed: int = flag(1337, "random seed", ("in [0, 2**63)", lambda x: 0 <= x < 2**63))
+    tokenizer: str = flag("char", "char, or bpe (tokenizer_bpe.py)", choices=("char", "bpe"))
+    vocab_size: int = flag(512, "BPE vocabulary size, with --tokenizer bpe", ("at least 257 (the bytes and one)", lambda x: x >= 257))
+    bpe_sample_mb: float = flag(10.0, "BPE learns its merges from the first this many MB of training text", POSITIVE)
+    max_iters: int = flag(2000, "optimizer steps", COUNT)
+    eval_interval: int = flag(500, "steps between evaluations and checkpoints", AT_LEAST_1)
+    eval_iters: int = flag(20, "batches per split in each evaluation", AT_LEAST_1)
+    log_interval: int = flag(100, "steps between log lines", AT_LEAST_1)
+    batch_size: int = flag(32, "sequences per micro-batch", AT_LEAST_1)
+    grad_accum: int = flag(1, "micro-batches per optimizer step (per process)", AT_LEAST_1)
+    learning_rate: float = flag(6e-3, "peak learning rate", POSITIVE)
+    min_lr_ratio: float = flag(0.1, "final learning rate as a fraction of the peak", ("in [0, 1]", lambda x: 0 <= x <= 1))
+    warmup_iters: int = flag(100, "steps of linear learning-rate warmup", COUNT)
+    weight_decay: float = flag(0.1, "AdamW weight decay on 2-D weights", NOT_NEGATIVE)
+    beta2: float = flag(0.99, "AdamW beta2", BELOW_1)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this; 0 = off", NOT_NEGATIVE)
+    optimizer: str = flag("adamw", "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)",
+                          choices=("adamw", "muon"))
+    muon_lr: float = flag(0.02, "Muon's peak learning rate, scheduled as --learning-rate is", POSITIVE)
+    dtype: str = flag("float32", "float32, bfloat16 (matmuls in bf16, weights and optimizer in float32) or auto "
+                                 "(bfloat16 where the hardware multiplies it natively)", choices=("float32", "bfloat16", "auto"))
+    compile: bool = flag(False, "torch.compile the model (eager if it fails)")
+    resume: bool = flag(False, "continue training from <out-dir>/ckpt.pt")
+    overwrite: bool = flag(False, "replace a checkpoint in <out-dir>, else an error")
+    init_from: str = flag("", "fine-tune: start from this checkpoint's weights and tokenizer, with a fresh optimizer")
+    plot: bool = flag(True, "draw <out-dir>/loss.png from log.csv when training ends")
+    sample: bool = flag(False, "only sample from <out-dir>/ckpt.pt")
+    prompt: str = flag("", "text the sample continues; empty: start after a newline")
+    max_new_tokens: int = flag(500, "tokens to generate", COUNT)
+    temperature: float = flag(0.8, "sampling temperature; 0 = greedy", NOT_NEGATIVE)
+    top_k: int = flag(0, "sample among the k likeliest tokens; 0 = off", COUNT)
+    top_p: float = flag(1.0, "nucleus: smallest set with this probability; 1 = off", ("in (0, 1]", lambda x: 0 < x <= 1))
+    kv_cache: bool = flag(True, "generate with the KV cache (or recompute the context)")
+    # Part II: each of these replaces training with a study or a benchmark
+    sweep: bool = flag(False, "scaling-law sweep: train every width at every budget")
+    sweep_budgets: str = flag("3e11,1e12,3e12", "training FLOPs of each sweep budget", NUMBERS)
+    sweep_widths: str = flag("16,24,32,48,64", "n_embd of each sweep model", ("comma-separated positive integers",
+                                                                             lambda t: all(int(x) > 0 for x in t.split(","))))
+    ablation: str = flag("", "options or depth: train each row of the ablation for every --ablation-seeds",
+                         choices=("", "options", "depth"))
+    ablation_seeds: str = flag("1,2,3", "seeds of each ablation row", ("comma-separated integers >= 0",
+                                                                       lambda t: all(int(x) >= 0 for x in t.split(","))))
+    embeddings: bool = flag(False, "show what <out-dir>/ckpt.pt's token embeddings learned")
+    bench_attention: bool = flag(False, "only time sdpa, math and flash attention for T = 256 ... 16384, and their memory")
+    bench_mem_gib: float = flag(6.0, "memory cap of each --bench-attention case (GiB)", POSITIVE)
+    bench_data: int = flag(0, "only benchmark the data path on corpora of 10 MB up to this many MB", COUNT)
 
 
-# Defaults per machine, chosen by measurement (see README): a 2-core CPU gets a small model with Muon,
-# RoPE, SwiGLU, an untied head and bf16 matmuls, 1700 steps in no more time than GPT-2's recipe takes for
-# 2000 (0.9-1.0x measured); a GPU gets the classic 6x6x384 model; gpt2 is the CPU recipe before the modern options.
+# The defaults per machine, chosen by measurement (README): a 2-core CPU gets a small model with Muon, RoPE,
+# SwiGLU, an untied head and bf16 matmuls; a GPU the classic 6x6x384 model; gpt2 is GPT-2's recipe as it was.
 PRESETS = {
-    "gpt2": {},  # the dataclasses' defaults: GPT-2, as the defaults were before the modern options
+    "gpt2": {},  # the dataclasses' defaults
     "cpu": dict(dtype="auto", optimizer="muon", muon_lr=0.01, mlp="swiglu", untied_head=True, rope=True, block_size=128,
                 batch_size=16, min_lr_ratio=0.0, max_iters=1700),
     "gpu": dict(dtype="auto", n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
@@ -161,489 +165,141 @@ PRESETS = {
 }
 
 
-# ---- Helpers that bigram.py and gpt.py share VERBATIM --------------------------------------
-
-def read_text(path):
-    """The training text, or a one-line ValueError that names the problem and the fix."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file; pass a text file with --input") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory; pass a text file with --input") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
-    if not text:
-        raise ValueError(f"{path}: file is empty; pass a text file with --input")
-    return text
-
-
-def add_flags(parser, config):
-    """One --dashed-name flag per dataclass field that has help, typed and defaulted from the field."""
-    for field in dataclasses.fields(config):
-        if "help" not in field.metadata:
-            continue  # derived fields get no flag
-        default = getattr(config, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        help_text = field.metadata["help"] + " (default: %(default)r)"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_text)
-
-
-def pick_device(name):
-    """'auto' means CUDA when there is one, else CPU; MPS only when asked for."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: MPS is not available here; use --device cpu")
-    return name
-
-
-def run_command_line(main):
-    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
-    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
-    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
-    sys.stdout.reconfigure(line_buffering=True)
-    try:
-        main()
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
-        sys.exit(1)
-
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: text -> token ids -> random (x, y) windows, y being x shifted by one.
-# ----------------------------------------------------------------------------------------------
+# ---- Data: text -> token ids -> random (x, y) windows, y being x shifted by one ---------------
 
 class CharTokenizer:
-    """Every distinct character of the text is one token."""
+    """Every distinct character of the text is one token. Its interface is BPETokenizer's (tokenizer_bpe.py):
+    the rest of the file never asks which of the two it holds."""
 
     def __init__(self, chars):
         self.chars = chars
         self.stoi = {ch: i for i, ch in enumerate(chars)}
         self.vocab = dict(enumerate(chars))  # id -> character, as BPETokenizer.vocab is id -> bytes
 
-    def encode(self, text):
+    def encode(self, text, allowed_special="all"):  # BPE's special tokens: characters have none
         unknown = [ch for ch in dict.fromkeys(text) if ch not in self.stoi]  # in order of appearance
         if unknown:
-            raise ValueError(f"character {unknown[0]!r} is not in the vocabulary of this model "
-                             f"({len(unknown)} unknown in all); use only characters of the training text")
+            raise ValueError(f"character {unknown[0]!r} is not in the vocabulary of this character-level model "
+                             f"({len(unknown)} unknown in all); use only characters of its training text, or a "
+                             "--tokenizer bpe model, which encodes any text")
         return [self.stoi[ch] for ch in text]
 
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
 
-def encode(tokenizer, text):
-    """Token ids; with BPE, <|endoftext|> in the text is the special token that separates documents."""
-    if isinstance(tokenizer, CharTokenizer):
-        return tokenizer.encode(text)
-    return tokenizer.encode(text, allowed_special="all")
+def make_tokenizer(cfg, chars, bpe_sample, log):
+    """char: one token per character of the text (validation's too, so that none is unknown); bpe: merges
+    learned from bpe_sample, the start of the training text only, so that they never peek at validation."""
+    if cfg.tokenizer == "char":
+        return CharTokenizer("".join(sorted(chars)))
+    import tokenizer_bpe  # only the BPE option needs it
+    t0 = time.perf_counter()
+    tokenizer = tokenizer_bpe.BPETokenizer()
+    tokenizer.train(bpe_sample, cfg.vocab_size)
+    log(f"trained a BPE tokenizer of {len(tokenizer.vocab)} tokens in {time.perf_counter() - t0:.2f} s")
+    return tokenizer
 
 
-def tokenizer_state(tokenizer):
-    """A plain dict that goes into the checkpoint, so sampling needs no input.txt."""
-    if isinstance(tokenizer, CharTokenizer):
-        return {"kind": "char", "chars": tokenizer.chars}
-    return {"kind": "bpe", "bpe": tokenizer.to_dict()}
+@dataclasses.dataclass
+class Data:
+    """A run's text as token ids: data["train"] and data["val"] are a tensor in memory or a token file on disk,
+    indexed alike. The counts make bits per character (char) or per byte (BPE), comparable across tokenizers."""
+    tokenizer: object
+    train: object
+    val: object
+    unit: str  # "char" or "byte"
+    val_units: int  # characters or bytes of the validation text
+    characters: int  # of the whole text
+    documents: int = 1
 
 
-def tokenizer_from_state(state):
-    if state["kind"] == "char":
-        return CharTokenizer(state["chars"])
-    import tokenizer_bpe
-    return tokenizer_bpe.BPETokenizer.from_dict(state["bpe"], "the checkpoint's tokenizer")
+IN_MEMORY_BYTES = 10**7  # up to 10 MB: a text the lecture's way; larger ones, and corpora, through token files
+
+
+def load_data(cfg, tokenizer, log):
+    """One text file the lecture's way: read it, make the tokenizer (unless a checkpoint brings one), encode
+    it; its first 90 % trains, the last 10 % validates. A directory, a glob, JSON Lines or a file too large to
+    hold as ids goes through token files on disk instead (Part III), which get_batch reads the same way."""
+    if not (os.path.isfile(cfg.input) and not cfg.input.endswith(".jsonl") and os.path.getsize(cfg.input) <= IN_MEMORY_BYTES):
+        return load_token_files(cfg, tokenizer, log)
+    text = read_text(cfg.input)
+    cut = int(0.9 * len(text))
+    train_text, val_text = text[:cut], text[cut:]
+    tokenizer = tokenizer or make_tokenizer(cfg, set(text), train_text[:int(cfg.bpe_sample_mb * 1e6)], log)
+    train, val = (torch.tensor(tokenizer.encode(part, allowed_special="all")) for part in (train_text, val_text))
+    unit = "char" if isinstance(tokenizer, CharTokenizer) else "byte"
+    return Data(tokenizer, train, val, unit, len(val_text) if unit == "char" else len(val_text.encode("utf-8")), len(text))
 
 
 def get_batch(data, batch_size, block_size, generator, device):
     """batch_size random windows: inputs x, and targets y that are x shifted one token on. data: the token
-    ids, a token file (only the windows are read from disk) or a tensor."""
+    ids, as a tensor or a token file (only the windows are read from disk)."""
     starts = torch.randint(len(data) - block_size, (batch_size, 1), generator=generator)  # (B, 1)
     windows = data[(starts + torch.arange(block_size + 1)).numpy()]  # (B, T+1), read in one go
     x, y = (torch.as_tensor(w, dtype=torch.long) for w in (windows[:, :-1], windows[:, 1:]))  # (B, T), (B, T)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-# ---- Data at scale: a corpus larger than memory -----------------------------------------------
-# The input (a file, a directory or a glob; a .txt file is one document, a .jsonl line another) is
-# read once, in pieces, and its token ids are appended to <out-dir>/train.bin and val.bin, a batch of
-# pieces at a time: memory holds one batch, whatever the corpus. Training reads its windows from
-# memory maps of the two files, so only the pages it touches are loaded; tokens.json, written last,
-# records what the files were built from, so that the next run with the same input and tokenizer
-# reuses them.
+# ---- Attention: each token a weighted average of the tokens before it ------------------------------
+# q, k, v: a query, a key and a value vector per position and head. Query t scores every key s by q_t · k_s;
+# a softmax over the keys it may see (s <= t: a GPT must not see the future it predicts) makes the scores
+# weights that sum to 1, and the output of t is the weighted average of the values.
 
-PIECE_CHARS = 1 << 20  # characters read from a file at a time
-BATCH_CHARS = 1 << 24  # characters encoded at a time: enough pieces for every core, ~0.3 GB of ids at most
-
-
-def input_files(spec):
-    """--input as a sorted list of files: the file itself, every *.txt and *.jsonl file below a directory,
-    or the files a glob matches."""
-    if os.path.isdir(spec):
-        files = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
-                 if name.endswith((".txt", ".jsonl"))]
-        what = "no *.txt or *.jsonl file below this directory"
-    elif os.path.exists(spec):
-        files, what = [spec], ""
-    elif any(c in spec for c in "*?["):
-        files, what = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)], "the glob matches no file"
-    else:
-        files, what = [], "no such file"
-    if not files:
-        raise ValueError(f"{spec}: {what}; pass a text file, a directory or a quoted glob with --input")
-    if len(files) == 1 and os.path.getsize(files[0]) == 0:
-        raise ValueError(f"{files[0]}: file is empty; pass a text file with --input")
-    return sorted(files)
+def attention_math(q, k, v, dropout_p=0.0):
+    """The formula written out: softmax(q kᵀ / √hd, the future masked to -inf) v. q (B, nh, T, hd) -> (B, nh, T, hd).
+    Dividing by √hd keeps the scores' spread near 1 whatever the head size, so the softmax does not saturate.
+    Two extensions, a line each: with a KV cache, k and v hold L >= T positions, the T queries being the last
+    T of them; with grouped-query heads, k and v have n_kv < nh heads, each shared by nh/n_kv query heads."""
+    T, L = q.size(2), k.size(2)
+    k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))  # (B, nh, L, hd): a head per query head
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, L)
+    future = torch.ones(T, L, dtype=torch.bool, device=q.device).triu(L - T + 1)  # query t sits at position L-T+t
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)  # (B, nh, T, L): each row sums to 1
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v  # (B, nh, T, hd)
 
 
-def file_pieces(path):
-    """A text file in pieces of about PIECE_CHARS characters. Each piece but the last ends with a line
-    break that a non-space character follows: the GPT-4 split pattern never joins text across such a
-    place, so BPE encodes the pieces one by one into exactly the ids of the whole file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            carry = ""
-            while block := f.read(PIECE_CHARS):
-                text = carry + block
-                cut = text.rfind("\n", 0, len(text) - 1) + 1
-                while cut > 0 and text[cut].isspace():
-                    cut = text.rfind("\n", 0, cut - 1) + 1
-                if cut > 0:
-                    yield text[:cut]
-                carry = text[cut:]  # no such line break in it (rare: one long line): read on
-            if carry:
-                yield carry
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+def attention_sdpa(q, k, v, dropout_p=0.0):
+    """The same in one fused kernel, which never stores the (T, L) weights (a FlashAttention-style kernel on CPU
+    and recent GPUs; Part II writes one)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # the CPU kernel's bf16 backward is 3x slower
+        return in_float32(attention_sdpa, q, k, v, dropout_p)  # than its float32 one (README)
+    T, L = q.size(2), k.size(2)
+    mask = None if T in (1, L) else torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T == L and T > 1),
+                                          dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1))
 
 
-def jsonl_texts(path):
-    """The documents of a JSON Lines file, one {"text": ...} per line; blank lines and empty texts skipped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise TypeError
-                if record["text"]:
-                    yield record["text"]
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
-    except (ValueError, TypeError):
-        raise ValueError(f'{path}, line {number}: not a JSON object with a "text" string, as each line of a '
-                         '.jsonl file must be') from None
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+def in_float32(attend, q, k, v, dropout_p):
+    """attend(q, k, v) in float32, autocast or not; the result in q's dtype."""
+    with torch.autocast(q.device.type, enabled=False):
+        return attend(q.float(), k.float(), v.float(), dropout_p).to(q.dtype)
 
 
-def documents(files):
-    """Every document of the input, each as an iterable of text pieces."""
-    for path in files:
-        if path.endswith(".jsonl"):
-            yield from ([text] for text in jsonl_texts(path))
-        elif os.path.getsize(path):
-            yield file_pieces(path)
+def pick_attention(name):
+    """attention_flash, FlashAttention-2 from scratch, is a lesson of its own in Part II."""
+    return {"sdpa": attention_sdpa, "math": attention_math, "flash": attention_flash}[name]
 
-
-def validation_cut(files):
-    """A single text file validates on its last 10 % (the character where it starts, counted in one pass);
-    several documents on every tenth document (None)."""
-    if len(files) == 1 and not files[0].endswith(".jsonl"):
-        return int(0.9 * sum(map(len, file_pieces(files[0]))))
-    return None
-
-
-def split_pieces(files, cut):
-    """(split, piece, starts a document) for the whole input, in order. With a cut, the file's first cut
-    characters train and the rest validates; each part is encoded on its own, so no token straddles
-    the cut. Without, document i validates if i % 10 == 9: validation text is never trained on."""
-    if cut is not None:
-        done = 0
-        for piece in file_pieces(files[0]):
-            head, tail = piece[:max(0, cut - done)], piece[max(0, cut - done):]
-            if head:
-                yield "train", head, done == 0
-            if tail:
-                yield "val", tail, done <= cut
-            done += len(piece)
-        return
-    for i, pieces in enumerate(documents(files)):
-        for j, piece in enumerate(pieces):
-            yield "val" if i % 10 == 9 else "train", piece, j == 0
-
-
-class Progress:
-    """'tokenizing: 120.0 MB done, 35.2 MB/s' every few seconds, for a pass long enough to wonder about."""
-
-    def __init__(self, what, log, every=5.0):
-        self.what, self.log, self.every, self.done = what, log, every, 0
-        self.start = self.shown = time.perf_counter()
-
-    def add(self, n_bytes):
-        self.done += n_bytes
-        now = time.perf_counter()
-        if now - self.shown >= self.every:
-            self.log(f"{self.what}: {self.done / 1e6:,.1f} MB done, {self.done / 1e6 / (now - self.start):.1f} MB/s")
-            self.shown = now
-
-
-def build_tokenizer(files, cut, cfg, log=print):
-    """char: one token per character of the input (and the newline of the separator); BPE: merges learned
-    from the first bpe_sample_mb of the training text only, so that they never peek at validation."""
-    if cfg.tokenizer == "char":
-        chars, progress = set() if cut is not None else {"\n"}, Progress("finding the characters", log)
-        for _, piece, _ in split_pieces(files, cut):
-            chars.update(piece)
-            progress.add(len(piece))
-        return CharTokenizer("".join(sorted(chars)))
-    sample, size, limit = [], 0, int(cfg.bpe_sample_mb * 1e6)
-    for split, piece, starts in split_pieces(files, cut):
-        if size >= limit:
-            break
-        if split == "train":
-            sample.append(("\n" if starts and sample else "") + piece[:limit - size])
-            size += len(sample[-1])
-    import tokenizer_bpe  # only the BPE option needs it
-    t0 = time.perf_counter()
-    tokenizer = tokenizer_bpe.BPETokenizer()
-    tokenizer.train("".join(sample), cfg.vocab_size)
-    log(f"trained a BPE tokenizer of {len(tokenizer.vocab)} tokens in {time.perf_counter() - t0:.2f} s")
-    return tokenizer
-
-
-def batch_encoder(tokenizer, pool):
-    """A function from a list of text pieces to their ids, one after the other, as a numpy array.
-    Characters go through a lookup table indexed by code point; BPE through tiktoken (Rust), a piece per
-    thread of pool: tiktoken lets go of Python's lock while it encodes, and hands back numpy arrays."""
-    if isinstance(tokenizer, CharTokenizer):
-        table = np.full(0x110000, -1, dtype=np.int32)  # every Unicode code point -> its id; -1: not in the vocabulary
-        table[[ord(ch) for ch in tokenizer.chars]] = np.arange(len(tokenizer.chars))
-        return lambda pieces: char_ids("".join(pieces), table)
-    # Each thread gets an Encoding of its own. The regex engine under tiktoken keeps its scratch space in
-    # a pool that only the first thread to search reaches without a lock; threads sharing one Encoding
-    # spent over a quarter of their time taking and returning that lock (2 threads: 15 MB/s shared, 35 apart).
-    local, lock = threading.local(), threading.Lock()
-
-    def encode_piece(piece):
-        if not hasattr(local, "encoding"):
-            with lock:  # to_tiktoken re-derives the tokenizer's tables: one thread at a time
-                local.encoding = tokenizer.to_tiktoken()
-        return local.encoding.encode_to_numpy(piece, allowed_special="all")
-    return lambda pieces: np.concatenate(list(pool.map(encode_piece, pieces)))
-
-
-def char_ids(text, table):
-    """The ids of text's characters: ASCII text is its own bytes, any other is read as UTF-32 code points."""
-    ascii = text.isascii()
-    codes = np.frombuffer(text.encode("ascii" if ascii else "utf-32-le"), dtype=np.uint8 if ascii else np.uint32)
-    ids = table[codes]
-    if (ids < 0).any():
-        unknown = chr(codes[np.argmax(ids < 0)])
-        raise ValueError(f"character {unknown!r} of --input is not in the vocabulary of this character-level model; "
-                         "remove it from the text, or use a --tokenizer bpe model, which encodes any text")
-    return ids
-
-
-class TokenWriter:
-    """Appends the ids of one split's text to its file, a batch of pieces at a time. A document after the
-    first starts with a separator: <|endoftext|> with BPE, a blank line with characters."""
-
-    def __init__(self, path, encode, dtype, bpe):
-        self.file, self.encode, self.dtype, self.bpe = open(path, "wb"), encode, dtype, bpe
-        self.pending, self.pending_chars, self.last_char = [], 0, ""
-        self.tokens = self.characters = self.bytes = self.documents = 0  # of the documents, separators not counted
-
-    def add(self, piece, starts_document, n_bytes):
-        self.characters += len(piece)
-        self.bytes += n_bytes
-        if starts_document:
-            if self.documents:
-                piece = ("<|endoftext|>" if self.bpe else "\n" if self.last_char == "\n" else "\n\n") + piece
-            self.documents += 1
-        self.last_char = piece[-1]
-        self.pending.append(piece)
-        self.pending_chars += len(piece)
-        if self.pending_chars >= BATCH_CHARS:
-            self.flush()
-
-    def flush(self):
-        if self.pending:
-            ids = self.encode(self.pending)
-            ids.astype(self.dtype).tofile(self.file)
-            self.tokens += len(ids)
-            self.pending, self.pending_chars = [], 0
-
-
-def input_fingerprint(files):
-    """What token files are built from: each input file's path, size and modification time, hashed."""
-    stats = [(os.path.abspath(p), s.st_size, s.st_mtime_ns) for p in files for s in [os.stat(p)]]
-    return hashlib.sha256(json.dumps(stats).encode("utf-8")).hexdigest()
-
-
-def prepare_token_files(cfg, tokenizer, log):
-    """Make <out-dir>/train.bin and val.bin hold the input's ids, unless tokens.json shows that they already
-    do: the same input files and either this tokenizer (resuming, fine-tuning) or, for a new one, the
-    same recipe. Otherwise tokens.json goes first, the files are written under temporary names and
-    renamed, and tokens.json comes last: an interrupted build leaves nothing that looks whole."""
-    files = input_files(cfg.input)
-    recipe = {"tokenizer": cfg.tokenizer, **({"vocab_size": cfg.vocab_size, "bpe_sample_mb": cfg.bpe_sample_mb}
-                                              if cfg.tokenizer == "bpe" else {})}
-    meta_path = os.path.join(cfg.out_dir, "tokens.json")
-    if token_files_current(read_token_meta(cfg.out_dir), cfg.out_dir, files, recipe, tokenizer):
-        log(f"token files in {cfg.out_dir} are up to date (same input, same tokenizer): reused")
-        return
-    with suppress(FileNotFoundError):
-        os.remove(meta_path)
-    t0 = time.perf_counter()
-    cut = validation_cut(files)
-    tokenizer = tokenizer or build_tokenizer(files, cut, cfg, log)
-    meta = write_token_files(files, cut, tokenizer, cfg.out_dir, log)
-    meta.update(version=1, input=cfg.input, fingerprint=input_fingerprint(files), recipe=recipe,
-                tokenizer=tokenizer_state(tokenizer), seconds=round(time.perf_counter() - t0, 3))
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(meta, f)
-    os.replace(meta_path + ".tmp", meta_path)
-    log(f"tokenized {meta['bytes']:,} bytes in {meta['seconds']:.2f} s ({meta['bytes'] / 1e6 / meta['seconds']:.1f} "
-        f"MB/s) into {os.path.join(cfg.out_dir, 'train.bin')} and val.bin")
-
-
-def token_files_current(meta, out_dir, files, recipe, tokenizer):
-    """Whether tokens.json vouches for train.bin and val.bin as the ids of these files by this tokenizer
-    (or, when there is none yet, by this recipe), and both files have the size it says."""
-    if not meta or meta["fingerprint"] != input_fingerprint(files):
-        return False
-    if (meta["tokenizer"] != json.loads(json.dumps(tokenizer_state(tokenizer)))) if tokenizer else (meta["recipe"] != recipe):
-        return False
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
-    return all(os.path.isfile(path) and os.path.getsize(path) == meta[split]["tokens"] * itemsize
-               for split, path in paths.items())
-
-
-def write_token_files(files, cut, tokenizer, out_dir, log):
-    """Encode the input into train.bin and val.bin (uint16 ids when the vocabulary fits, else uint32)."""
-    dtype = np.uint16 if len(tokenizer.vocab) <= 2**16 else np.uint32
-    pool = ThreadPoolExecutor(os.cpu_count() or 1)
-    encode, bpe = batch_encoder(tokenizer, pool), not isinstance(tokenizer, CharTokenizer)
-    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
-    writers, progress, done = {}, Progress("tokenizing", log), False
-    try:
-        writers = {split: TokenWriter(path + ".tmp", encode, dtype, bpe) for split, path in paths.items()}
-        for split, piece, starts in split_pieces(files, cut):
-            n_bytes = len(piece.encode("utf-8"))
-            writers[split].add(piece, starts, n_bytes)
-            progress.add(n_bytes)
-        for writer in writers.values():
-            writer.flush()
-        done = True
-    finally:
-        pool.shutdown()
-        for split, writer in writers.items():
-            writer.file.close()
-            if done:
-                os.replace(paths[split] + ".tmp", paths[split])
-            else:
-                with suppress(OSError):
-                    os.remove(paths[split] + ".tmp")
-    return {"dtype": np.dtype(dtype).name, "unit": "byte" if bpe else "char", "bytes": progress.done,
-            "validation": "last 10 %" if cut is not None else "every tenth document",
-            **{split: {"tokens": w.tokens, "characters": w.characters, "bytes": w.bytes, "documents": w.documents}
-               for split, w in writers.items()}}
-
-
-class TokenFile:
-    """A token file as an array of ids through a memory map: reading a window loads only the pages it
-    touches. Touched pages would stay counted as the process's memory, though, and the page cache
-    hands them out up to 2 MB at a time (4,000 batches of a 2 GB file: 1.8 GB), so each read gives
-    them back (madvise; they stay cached, so reading them again is still fast). Without madvise
-    (Windows), they stay."""
-
-    def __init__(self, path, dtype):
-        with open(path, "rb") as f:
-            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.ids = np.frombuffer(self.map, dtype=dtype)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, index):
-        ids = np.array(self.ids[index])  # a copy, which outlives the pages
-        if hasattr(self.map, "madvise"):
-            self.map.madvise(mmap.MADV_DONTNEED)
-        return ids
-
-
-def read_token_meta(out_dir):
-    """tokens.json, or None if there is none (or it is unreadable, or of another version)."""
-    try:
-        with open(os.path.join(out_dir, "tokens.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-        return meta if meta.get("version") == 1 else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def open_token_files(cfg, block_size):
-    """tokens.json, train.bin and val.bin; each split must hold at least one (x, y) window."""
-    meta = read_token_meta(cfg.out_dir)
-    for split, name in (("train", "training"), ("val", "validation")):
-        if meta[split]["tokens"] <= block_size:
-            hint = " (every tenth document validates: give at least ten)" if meta["validation"] != "last 10 %" else ""
-            raise ValueError(f"{cfg.input}: the {name} split has {meta[split]['tokens']} tokens but needs more than "
-                             f"block_size={block_size}{hint}; use a longer text or a smaller --block-size")
-    return meta, *(TokenFile(os.path.join(cfg.out_dir, f"{split}.bin"), meta["dtype"]) for split in ("train", "val"))
-
-
-# ----------------------------------------------------------------------------------------------
-# Model: attention -> block -> GPT.
-#
-# GPT-2 is the path the defaults of GPTConfig take. Each modern option is one difference from it,
-# a few lines where the reader meets it (the README measures what each buys):
-#   --rope          positions rotate q and k instead of a learned position table (rope_frequencies)
-#   --norm rmsnorm  LayerNorm without the mean and the bias (make_norm)
-#   --post-ln       the 2017 transformer's placement, for comparison: normalise after adding (Block)
-#   --mlp relu2 / swiglu   other nonlinearities in the MLP (MLP_ACTIVATIONS)
-#   --qk-norm       queries and keys normalised per head, so their dot products cannot blow up
-#   --untied-head   the output layer is not the token embedding table
-#   --zero-init     every block starts as the identity: its output projections are zero
-#   --softcap       logits squashed smoothly by tanh, so none runs away
-#   --optimizer muon   orthogonalised updates for the blocks' matrices (make_optimizer)
-#   --dtype bfloat16   mixed precision: matmuls in bf16, weights in float32 (make_autocast)
-# `python gpt.py` (the cpu preset, PRESETS) turns on the ones that won when measured: muon, rope,
-# swiglu, untied head, and bf16 where the CPU multiplies it natively; --preset gpt2 turns them all off.
-# ----------------------------------------------------------------------------------------------
 
 def rope_frequencies(head_dim, max_len, base=10000.0):
-    """cos and sin of the rotation angle of each position and frequency: (max_len, head_dim/2) each."""
+    """RoPE (--rope): cos and sin of the rotation angle of each position and frequency, (max_len, head_dim/2) each."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (hd/2,)
     angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, hd/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x[i], x[i + hd/2]) by its position's angle: x (B, H, T, hd), cos/sin (T, hd/2)."""
+    """Rotate each pair (x[i], x[i + hd/2]) by its position's angle; q·k then depends on the distance between
+    two positions only. x (B, H, T, hd), cos/sin (T, hd/2)."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, hd/2) each
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # bf16 under autocast: mixing in float32 costs a third more
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, so each new token costs one position, not T."""
+    """Keys and values of the tokens seen so far, so that each new token costs one position, not T."""
 
     def __init__(self, cfg, batch_size, device, dtype):
         shape = KVCache.shape(cfg, batch_size)
@@ -663,70 +319,17 @@ class KVCache:
         """Only n_kv_head heads are stored: grouped-query attention shrinks the cache n_head/n_kv_head times."""
         return cfg.n_layer, batch_size, cfg.kv_heads(), cfg.block_size, cfg.n_embd // cfg.n_head
 
-    def nbytes(self):
-        return self.k.nbytes + self.v.nbytes
-
-
-# Attention three ways, one signature: q (B, nh, T, hd), keys and values (B, n_kv, L, hd) -> (B, nh, T, hd).
-# The T queries are the last T of the L positions (L > T when the earlier keys come from the KV cache),
-# and a group of nh/n_kv query heads shares each key/value head (grouped-query attention).
-
-def attention_math(q, k, v, dropout_p=0.0):
-    """The formula written out: softmax(q k^T / sqrt(hd) + causal mask) v. Simple, but the (T, L) scores
-    of every head are materialised, and kept for the backward pass: memory grows as T * L."""
-    B, nh, T, hd = q.shape
-    n_kv, L = k.size(1), k.size(2)
-    q = q.reshape(B, n_kv, nh // n_kv * T, hd)  # a group's query heads, stacked as rows: k and v are not copied
-    scores = q @ k.transpose(-2, -1) / math.sqrt(hd)  # (B, n_kv, g*T, L)
-    if T > 1:  # query t sits at position L-T+t and sees keys 0..L-T+t; one new token sees everything
-        future = torch.ones(T, L, dtype=torch.bool, device=q.device).triu(L - T + 1)  # (T, L)
-        scores = scores.view(B, n_kv, -1, T, L).masked_fill(future, float("-inf")).view(B, n_kv, -1, L)
-    probs = scores.softmax(dim=-1)  # (B, n_kv, g*T, L): each row sums to 1 over the keys it may see
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
-    return (probs @ v).view(B, nh, T, hd)  # (B, n_kv, g*T, hd) -> (B, nh, T, hd)
-
-
-def attention_sdpa(q, k, v, dropout_p=0.0):
-    """The same in one fused kernel (a FlashAttention-style one on CPU and on recent GPUs)."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # the CPU kernel's bf16 backward is 3x slower
-        return in_float32(attention_sdpa, q, k, v, dropout_p)  # than its fp32 one (B16 T128: 10.2 vs 3.0 ms)
-    T, L = q.size(2), k.size(2)
-    mask = None if T in (1, L) else torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T == L and T > 1),
-                                          dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1))
-
-
-def in_float32(attend, q, k, v, dropout_p):
-    """attend(q, k, v) in float32, autocast or not; the result in q's dtype."""
-    with torch.autocast(q.device.type, enabled=False):
-        return attend(q.float(), k.float(), v.float(), dropout_p).to(q.dtype)
-
-
-ATTENTIONS = ("sdpa", "math", "flash")
-
-
-def pick_attention(name):
-    """attention_flash, FlashAttention-2 from scratch, has a section of its own near the end of the file."""
-    return {"sdpa": attention_sdpa, "math": attention_math, "flash": attention_flash}[name]
-
-
-def make_norm(cfg, width):
-    """LayerNorm: (x - mean) / std * g + b over the last dim. RMSNorm: x / sqrt(mean(x²) + eps) * g, i.e. no
-    centring and no bias; cheaper, and in practice as good: what keeps deep stacks stable is the scale."""
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(width, eps=1e-5)
-    return nn.LayerNorm(width, eps=1e-5, bias=cfg.bias)
-
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention: n_head heads of size n_embd/n_head attend side by side, and one projection mixes
+    what they found. q, k and v of all heads come from one matrix multiplication."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads()
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads(), cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        # qk-norm: unit-RMS q and k per head bound q·k/sqrt(hd), so a large learning rate cannot saturate softmax
+        # qk-norm: unit-RMS q and k per head bound q·k/√hd, so a large learning rate cannot saturate the softmax
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if cfg.qk_norm else None
         self.dropout = cfg.dropout
@@ -747,8 +350,18 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, L, hd), L = cached + T
         y = self.attend(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.proj(y))
+
+
+# ---- The block: attention, then an MLP, each added to the residual stream --------------------------
+
+def make_norm(cfg, width):
+    """LayerNorm: (x - mean) / std * g + b over the last dim. RMSNorm (--norm rmsnorm): x / rms(x) * g, no
+    centring and no bias; cheaper, and as good in practice: what keeps deep stacks stable is the scale."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=1e-5)
+    return nn.LayerNorm(width, eps=1e-5, bias=cfg.bias)
 
 
 def relu_squared(h):
@@ -786,10 +399,8 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = make_norm(cfg, cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = make_norm(cfg, cfg.n_embd)
-        self.mlp = MLP(cfg)
+        self.ln_1, self.attn = make_norm(cfg, cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = make_norm(cfg, cfg.n_embd), MLP(cfg)
         self.post_ln, self.residual = cfg.post_ln, cfg.residual
 
     def forward(self, x, rope=None, cache=None, layer=0):
@@ -802,6 +413,22 @@ class Block(nn.Module):
         keep = x if self.residual else 0
         return keep + self.mlp(self.ln_2(x))  # each token thinks on its own
 
+
+# ---- The GPT: embeddings, a stack of blocks, and logits over the vocabulary ------------------------
+# GPT-2 is the path GPTConfig's defaults take. Each modern option is one difference from it, a few lines
+# where the reader meets it (the README measures what each buys):
+#   --rope          positions rotate q and k instead of a learned position table (rope_frequencies)
+#   --norm rmsnorm  LayerNorm without the mean and the bias (make_norm)
+#   --post-ln       the 2017 transformer's placement, for comparison: normalise after adding (Block)
+#   --mlp relu2 / swiglu   other nonlinearities in the MLP (MLP_ACTIVATIONS)
+#   --qk-norm       queries and keys normalised per head, so their dot products cannot blow up
+#   --untied-head   the output layer is not the token embedding table
+#   --zero-init     every block starts as the identity: its output projections are zero
+#   --softcap       logits squashed smoothly by tanh, so none runs away
+#   --optimizer muon   orthogonalised updates for the blocks' matrices (make_optimizer)
+#   --dtype bfloat16   mixed precision: matmuls in bf16, weights in float32 (make_autocast)
+# `python gpt.py` (the cpu preset) turns on the ones that won when measured: muon, rope, swiglu, the untied
+# head, and bf16 where the CPU multiplies it natively; --preset gpt2 turns them all off.
 
 class GPT(nn.Module):
     def __init__(self, cfg):
@@ -892,6 +519,8 @@ class GPT(nn.Module):
         return idx
 
 
+# ---- Generation: one token at a time, drawn from the softmax of the last logits --------------------
+
 def sample_next_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
     """logits (B, V) -> next token ids (B, 1)."""
     check_sampling(temperature, top_k, top_p)
@@ -913,27 +542,50 @@ def sample_next_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(probs, num_samples=1, generator=generator)  # renormalises by itself
 
 
-def sampling_problem(temperature, top_k, top_p):
-    """The first bad sampling setting as (name, what is wrong), or None; nan fails every comparison.
-    The flags and the API (generate, sample_next_token) share it."""
-    if not 0.0 <= temperature < math.inf:
-        return "temperature", f"must be a finite number >= 0 (0 = greedy), got {temperature}"
-    if not (isinstance(top_k, int) and top_k >= 0):
-        return "top_k", f"must be an integer >= 0 (0 = off), got {top_k}"
-    if not 0.0 < top_p <= 1.0:
-        return "top_p", f"must be in (0, 1] (1 = off), got {top_p}"
-    return None
-
-
 def check_sampling(temperature, top_k, top_p):
-    problem = sampling_problem(temperature, top_k, top_p)
-    if problem:
-        raise ValueError(" ".join(problem))
+    """generate's and sample_next_token's settings, checked by the rules of the flags of the same names."""
+    rules = {field.name: field.metadata.get("valid") for field in dataclasses.fields(TrainConfig)}
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        if not rules[name][1](value) or (name == "top_k" and not isinstance(value, int)):
+            raise ValueError(f"{name} must be {rules[name][0]}, got {value}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Training: schedule, optimizer, evaluation, checkpoints, the loop.
-# ----------------------------------------------------------------------------------------------
+def start_ids(tokenizer):
+    """What an empty prompt starts from: a newline, after which every speech of the text begins; in a
+    character vocabulary without one, its first character."""
+    try:
+        return tokenizer.encode("\n")
+    except ValueError:
+        return [0]
+
+
+def print_sample(model, tokenizer, cfg, device):
+    """A sample after --prompt, or after start_ids, which stay unshown; then how fast it came."""
+    prompt_ids = tokenizer.encode(cfg.prompt, allowed_special="all") if cfg.prompt else start_ids(tokenizer)
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.kv_cache, generator)
+    elapsed = time.perf_counter() - t0
+    print(tokenizer.decode(out[0, 0 if cfg.prompt else len(prompt_ids):].tolist()))
+    mc = model.cfg
+    if cfg.kv_cache:
+        cache_bytes = 2 * math.prod(KVCache.shape(mc, 1)) * model.wte.weight.element_size()  # keys and values
+        cache_note = f"KV cache {cache_bytes / 1024:.0f} KiB ({mc.kv_heads()} of {mc.n_head} heads keep K/V)"
+    else:
+        cache_note = "no KV cache: the whole context recomputed for every token"
+    print(f"generated {cfg.max_new_tokens} tokens in {elapsed:.2f} s: {cfg.max_new_tokens / elapsed:.0f} tokens/s, {cache_note}")
+
+
+def sample(cfg, given=frozenset(), attention=None):
+    """python gpt.py --sample: a sample from <out-dir>/ckpt.pt; attention, if given, replaces the checkpoint's choice."""
+    warn_ignored_flags(given)  # the model, its tokenizer and its training settings come from the checkpoint
+    device = pick_device(cfg.device)
+    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, attention)
+    print_sample(model, tokenizer_from_state(ckpt["tokenizer"]), cfg, device)
+
+
+# ---- Training: the schedule, the optimizer, evaluation ----------------------------------------------
 
 def learning_rate(step, cfg):
     """1) linear warmup, 2) after decay the floor, 3) cosine from the peak down to the floor in between."""
@@ -952,7 +604,7 @@ def orthogonalise(G, steps=5):
     weights along every direction G found, not just the few that dominate it. A quintic Newton-Schulz
     iteration does it with matmuls only; its coefficients make small singular values grow fast, and leave
     them in about [0.7, 1.2] after 5 steps, which trains as well as exactly 1. torch.optim.Muon runs this
-    iteration in bfloat16, faster on this CPU than float32 (0.85 vs 1.3 ms for 384 x 128), so training uses it."""
+    same iteration (in bfloat16, faster on a CPU than float32), so training uses it."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.float()
     if G.size(0) > G.size(1):
@@ -1009,19 +661,10 @@ def make_optimizer(model, cfg, device_type):
     return Optimizers(adamw, muon)
 
 
-def native_bf16(device_type):
-    """Whether this device multiplies bfloat16 in hardware: GPUs from Ampere on, and CPUs with AMX or AVX-512
-    BF16. Elsewhere bf16 is emulated, slower than float32."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    cpu_has = lambda name: getattr(torch.cpu, name, lambda: False)()  # private: absent in some torch builds
-    return device_type == "cpu" and (cpu_has("_is_amx_tile_supported") or cpu_has("_is_avx512_bf16_supported"))
-
-
 def make_autocast(device_type, dtype):
     """Mixed precision: inside the context, matmuls take bfloat16 inputs (8 bits of mantissa, float32's range,
     so no loss scaling, unlike float16) and accumulate in float32; weights, gradients and the optimizer stay
-    float32. With AMX, this CPU multiplies bf16 5x as fast as float32 (2048x128 @ 128x682: 0.17 vs 0.89 ms)."""
+    float32. 'auto' is bf16 where the hardware multiplies it natively (native_bf16, Part III), else float32."""
     if dtype == "auto":
         dtype = "bfloat16" if native_bf16(device_type) else "float32"
     return torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
@@ -1060,328 +703,91 @@ def flops_per_token(cfg):
     return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
-class CsvLog:
-    """<out-dir>/log.csv: a row per evaluation (train_loss, val_loss, val_bits) and per training log line
-    (train_loss of that step's batch, val empty). A resumed run keeps the rows up to its checkpoint (the
-    later ones are redone) and goes on with the clock where they ended."""
-    COLUMNS = ["step", "tokens", "flops", "seconds", "lr", "train_loss", "val_loss", "val_bits"]
-
-    def __init__(self, path, resume_step=None):
-        self.path, kept = path, []
-        if resume_step is not None and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                kept = [line for line in f.read().splitlines()[1:] if int(line.split(",")[0]) <= resume_step]
-        self.seconds_offset = float(kept[-1].split(",")[3]) if kept else 0.0
-        with open(path + ".tmp", "w", encoding="utf-8") as f:  # replaced whole, like a checkpoint
-            f.write("\n".join([",".join(self.COLUMNS), *kept]) + "\n")
-        os.replace(path + ".tmp", path)
-
-    def row(self, **values):
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(",".join(format_cell(values.get(name)) for name in self.COLUMNS) + "\n")
-
-
-class NoLog:
-    """What ranks other than 0 write: nothing."""
-    seconds_offset = 0.0
-
-    def row(self, **values):
-        pass
-
-
-def format_cell(value):
-    return "" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val_loss, tokenizer):
-    """Everything needed to resume exactly or to sample, as tensors and plain types (weights_only-safe).
-    Written to a temp file and renamed, so a crash or a full disk mid-write never leaves a broken ckpt.pt."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "model_config": dataclasses.asdict(model_cfg),
-        "train_config": dataclasses.asdict(train_cfg),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "best_val_loss": best_val_loss,
-        "rng": {"torch": torch.get_rng_state(),  # dropout; the batches need none (batch_generator)
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-        "tokenizer": tokenizer_state(tokenizer),
-    }
-    try:
-        with open(path + ".tmp", "wb") as f:  # opened here, not by torch.save, so a failure names its cause
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: after a power cut, the old file or the new one
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as err:
-        with suppress(OSError):
-            os.remove(path + ".tmp")
-        raise ValueError(f"{path}: cannot write the checkpoint ({write_failure(err)}); "
-                         "the checkpoint saved before, if any, is unchanged") from None
-
-
-def write_failure(err):
-    """The real cause of a failed write, and what to do. torch.save reports a failed write as a
-    RuntimeError ('unexpected pos') whose __context__ is the OSError that says why."""
-    while not isinstance(err, OSError) and err.__context__ is not None:
-        err = err.__context__
-    if not isinstance(err, OSError):
-        return str(err).strip().splitlines()[0]
-    fixes = {errno.ENOSPC: "free some disk space", errno.EACCES: "make --out-dir writable",
-             errno.EPERM: "make --out-dir writable", errno.EROFS: "pass a --out-dir on a writable disk"}
-    return f"{err.strerror or err}: {fixes.get(err.errno, 'pass another --out-dir')}"
-
-
-def load_checkpoint(path, device, attention=None):
-    """The checkpoint dict and its rebuilt model, or a one-line error saying what is wrong. A file that
-    cannot be opened (missing, a directory, no permission) is a bad path, not a bad checkpoint.
-    attention replaces the saved choice: the three compute the same function of the same weights."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no checkpoint; train one first with `python gpt.py` (or pass --out-dir)") from None
-    except (IsADirectoryError, NotADirectoryError) as err:
-        raise ValueError(f"{path}: not a checkpoint file ({err.strerror}); pass the --out-dir that holds "
-                         "ckpt.pt") from None
-    except OSError as err:  # no permission, say: the file itself may be fine
-        raise ValueError(f"{path}: cannot open it ({err.strerror})") from None
-    with f:
-        try:
-            ckpt = torch.load(f, map_location=device, weights_only=True)
-        except (MemoryError, torch.OutOfMemoryError):
-            raise ValueError(f"{path}: not enough memory to load it on {device}; try --device cpu") from None
-        except Exception as err:  # torch raises many types for a damaged file; all mean the same to a user
-            raise ValueError(f"{path}: corrupt or truncated checkpoint, or not one gpt.py wrote "
-                             f"({type(err).__name__}); it cannot be read, so train again") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a gpt.py checkpoint of format {CHECKPOINT_FORMAT}; train again with this gpt.py")
-    try:
-        TrainConfig(**ckpt["train_config"])
-        model = GPT(GPTConfig(**{**ckpt["model_config"], **({"attention": attention} if attention else {})}))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, KeyError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0]
-        raise ValueError(f"{path}: checkpoint does not match this gpt.py's model ({first_line}); train again") from None
-    return ckpt, model.to(device)
-
-
-@contextmanager
-def claim_out_dir(cfg):
-    """Before any work: create --out-dir, lock it for this run, and refuse to replace a checkpoint in
-    it unless --resume or --overwrite says so (a forgotten --sample must not wipe a trained model)."""
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out-dir {cfg.out_dir}: cannot create it ({err.strerror}); pass a writable directory") from None
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun only rank 0 writes
-        yield
-        return
-    with out_dir_lock(cfg.out_dir):
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
-            step = saved_step(path)
-            what = "not a readable checkpoint" if step is None else f"a checkpoint at step {step}"
-            raise ValueError(f"{path} already exists ({what}): continue it with --resume, or replace it with "
-                             "--overwrite, or pass another --out-dir")
-        yield
-
-
-def saved_step(path):
-    """The step a checkpoint was saved at, or None if it is not readable as one."""
-    try:  # mmap: the weights are not read
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-    except Exception:
-        return None
-
-
-@contextmanager
-def out_dir_lock(out_dir):
-    """Only one run at a time writes into out_dir. Its lock file, holding the owner's pid and host, is
-    created with O_EXCL, which only one of two runs can do, and removed at the end; a lock whose owner
-    died without removing it (killed by SIGKILL, say) is stale, and taken over."""
-    path = os.path.join(out_dir, "ckpt.pt.lock")
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            owner = read_lock(path)
-            if attempt == 0 and owner and not process_alive(*owner):
-                with suppress(FileNotFoundError):
-                    os.remove(path)
-                continue
-            who = f" (pid {owner[0]} on {owner[1]})" if owner else ""
-            raise ValueError(f"--out-dir {out_dir}: another run{who} is writing into it; wait for it, or "
-                             f"pass another --out-dir (if no run is, delete {path})") from None
-        except OSError as err:
-            raise ValueError(f"--out-dir {out_dir}: cannot write into it ({err.strerror}); pass a writable "
-                             "directory") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(f"{os.getpid()} {platform.node()}")
-    try:
-        yield
-    finally:
-        with suppress(OSError):
-            os.remove(path)
-
-
-def read_lock(path):
-    """(pid, host) from a lock file, or None if it cannot be read."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            pid, host = f.read().split()
-        return int(pid), host
-    except (OSError, ValueError):
-        return None
-
-
-def process_alive(pid, host):
-    """Whether the lock's owner may still run: certainly dead only if it ran on this machine and no
-    process has its pid now."""
-    if host != platform.node() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, but belongs to another user
-        pass
-    return True
-
-
-def setup_distributed(device):
-    """(rank, world_size, local_rank); torchrun sets RANK, WORLD_SIZE and LOCAL_RANK."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")  # gloo: CPU tensors
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def batch_generator(seed, step, rank, world_size):
-    """Each rank's batches of one step come from their own seed: ranks draw different batches, and a
-    resumed run draws exactly the batches it would have, with no generator state to save. torch's CPU
-    generator keeps 32 bits of a seed; multiplying by an odd number is one-to-one modulo 2**32, so
-    every (step, rank) gets its own seed."""
-    return torch.Generator().manual_seed((seed + 1_000_003 * (step * world_size + rank)) % 2**32)
-
-
-def exit_before_gloo_threads_can_abort():
-    """End a data-parallel process now, skipping Python's shutdown. DDP keeps the process group alive
-    after destroy_process_group(), so its gloo worker threads still run, and one may be just now
-    freeing the last all-reduce's tensors, which takes the interpreter's lock. During shutdown that
-    ends the thread inside a C++ destructor: std::terminate, SIGABRT, and torchrun fails the run (3 of
-    465 two-process runs on a busy 2-core CPU; a core dump shows the thread in ~AsyncWork -> take_gil)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def train(cfg, model_cfg, given=frozenset()):
-    """Train from scratch, or from <out-dir>/ckpt.pt with --resume; given: the flags on the command line.
-    The out-dir is claimed before any work, and released at the end however the run ends."""
-    with claim_out_dir(cfg):
-        model = _train(cfg, model_cfg, given)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun's processes (the group is torn down by now)
-        exit_before_gloo_threads_can_abort()  # after the out-dir's lock is released
-    return model
-
-
-def _train(cfg, model_cfg, given):
-    """The run itself, in an out-dir it alone writes into: set up, then per step evaluate and save when
-    due, stop if asked (Ctrl-C finishes the current step, saves and exits; a second Ctrl-C kills at once),
-    train one step, log; then finish."""
-    rt = setup_runtime(cfg)
-    run = prepare_run(cfg, model_cfg, given, rt)
-    model = wrap_model(run, rt)
-    clock = Clock(run.csv_log.seconds_offset)
-    start_step, stopped, local_loss, step_loss = run.step, False, float("nan"), torch.full((), float("nan"))
-    with stop_on_signals(rt.stop):
-        while True:
-            if evaluation_due(run, start_step):
-                evaluate_and_save(run, rt, clock)
-            if run.step >= run.cfg.max_iters:
-                break
-            if stop_agreed(run, rt):
-                stopped = True
-                save_and_say_how_to_resume(run, rt)
-                break
-            lr, step_loss = training_step(model, run, rt)
-            run.step += 1
-            clock.steps += 1
-            if run.step % run.cfg.log_interval == 0 or run.step == run.cfg.max_iters:
-                local_loss = log_progress(run, rt, clock, lr, step_loss)
-        if rt.world_size > 1:
-            print_line(f"rank {rt.rank}/{rt.world_size}: finished at step {run.step}; last logged loss {local_loss:.6f} "
-                       f"on this rank's batches, {step_loss.item():.6f} all-reduced")
-    finish(run, rt, stopped)
-    return run.model
-
-
-# ---- The steps of a run ------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Runtime:
-    """This process's place in a run: its device, its rank among torchrun's processes (only rank 0 logs,
-    evaluates and saves), and whether a stop was asked for (by Ctrl-C, SIGTERM or a closed stdout: the
-    loop then saves and stops)."""
-    device: str
-    device_type: str
-    rank: int
-    world_size: int
-    local_rank: int
-    stop: dict = dataclasses.field(default_factory=lambda: {"requested": False, "why": "interrupted"})
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def log(self, line):
-        """Only rank 0 logs; if its reader has gone (`| head`), the loop saves and stops."""
-        if self.master and not print_line(line):
-            self.stop.update(requested=True, why="stdout closed")
-
-
-def setup_runtime(cfg):
-    device = pick_device(cfg.device)
-    rank, world_size, local_rank = setup_distributed(device)
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    device_type = "cuda" if device.startswith("cuda") else device
-    if device_type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))  # torch uses all cores; share them
-    torch.manual_seed(cfg.seed)
-    return Runtime(device, device_type, rank, world_size, local_rank)
-
+# ---- The training loop: its steps first, in the order they run, then train() ---------------------
 
 @dataclasses.dataclass
 class Run:
     """What a training run carries from step to step, and saves in its checkpoint."""
     cfg: TrainConfig  # a resumed run's own settings, with what the command line sets again
-    model: GPT  # the uncompiled, unwrapped module: what we evaluate, save and sample
-    tokenizer: object
+    model: GPT  # the plain module: what we evaluate, save and sample (the steps may run a compiled or DDP wrapper)
+    data: Data
     optimizer: object
-    data: dict  # {"train": token file, "val": token file}
-    unit: str  # what bits are counted per: "char" or "byte"
-    bits_per_unit: float  # nats per token -> bits per character or byte, comparable across tokenizers
-    ckpt_path: str
-    csv_log: object
+    autocast: object  # the run's precision (make_autocast)
+    csv_log: object  # <out-dir>/log.csv (CsvLog, Part III)
     tokens_per_step: int
-    autocast: object  # the run's precision (a resumed run keeps its own --dtype unless given again)
     step: int = 0
     best_val_loss: float = math.inf
     resumed: bool = False
-
-    def save(self, rt):
-        if rt.master:
-            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.model.cfg, self.cfg, self.step,
-                            self.best_val_loss, self.tokenizer)
 
     def progress(self, clock):
         """Where the run stands, for log.csv."""
         tokens = self.step * self.tokens_per_step
         return dict(step=self.step, tokens=tokens, flops=tokens * flops_per_token(self.model.cfg), seconds=clock.seconds())
+
+
+def prepare_run(cfg, model_cfg, given, rt):
+    """A new run; or the checkpoint's, to go on with (--resume); or a new run from a checkpoint's weights
+    (--init-from). rt: this process's device and place among torchrun's processes (setup_runtime, Part III)."""
+    ckpt, model, tokenizer = None, None, None
+    if cfg.resume:  # 1) the checkpoint's model and tokenizer, so that the ids mean the same
+        ckpt, model, tokenizer, cfg = load_for_resume(cfg, model_cfg, given, rt.device)
+    elif cfg.init_from:
+        model, tokenizer = load_for_fine_tuning(cfg, model_cfg, given, rt.device)
+        rt.log(f"fine-tuning {cfg.init_from}: its weights and tokenizer, a fresh optimizer and schedule")
+    data = load_data(cfg, tokenizer, rt.log)  # 2) the text as token ids
+    if model is None:
+        model = GPT(dataclasses.replace(model_cfg, vocab_size=len(data.tokenizer.vocab))).to(rt.device)
+    check_fits(model.cfg.block_size, data, cfg)
+    docs = f"{data.documents:,} documents, " if data.documents > 1 else ""
+    rt.log(f"{docs}{data.characters:,} characters, {len(data.train):,} train and {len(data.val):,} val tokens, "
+           f"vocab {model.cfg.vocab_size}")
+    m = model.cfg
+    rt.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({m.n_layer} layers, {m.n_head} heads, "
+           f"{m.n_embd} wide, block {m.block_size}) on {rt.device}")
+    run = Run(cfg, model, data, make_optimizer(model, cfg, rt.device_type), make_autocast(rt.device_type, cfg.dtype),
+              open_csv_log(cfg.out_dir, ckpt, rt.master), cfg.batch_size * m.block_size * cfg.grad_accum * rt.world_size)
+    if ckpt is not None:  # 3) the optimizer's state and the random state too: the run goes on exactly
+        restore_run_state(run, ckpt, rt)
+    return run
+
+
+def evaluate_and_save(run, rt, clock):
+    """Rank 0 evaluates both splits, logs (bits per character or byte beside nats per token), and saves."""
+    if rt.master:
+        splits = {"train": run.data.train, "val": run.data.val}
+        losses = estimate_loss(run.model, splits, run.cfg, run.model.cfg.block_size, rt.device, run.autocast)
+        run.best_val_loss = min(run.best_val_loss, losses["val"])
+        bits = losses["val"] * len(run.data.val) / run.data.val_units / math.log(2)  # nats/token -> bits/unit
+        rt.log(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+               f"(val {bits:.3f} bits/{run.data.unit})")
+        run.csv_log.row(**run.progress(clock), lr=learning_rate(run.step, run.cfg), train_loss=losses["train"],
+                        val_loss=losses["val"], val_bits=bits)
+        save_run(run, rt)
+    clock.restart()  # evaluation time is not training time
+
+
+def training_step(model, run, rt):
+    """One optimizer step: 1) the learning rate, 2) gradients summed over grad_accum micro-batches (DDP
+    all-reduces them in the last backward only), 3) clip, update. Returns the lr and the step's mean loss."""
+    cfg = run.cfg
+    lr = learning_rate(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    step_loss = torch.zeros((), device=rt.device)
+    batches = batch_generator(cfg.seed, run.step, rt.rank, rt.world_size)  # a resumed run draws the same batches
+    for micro_step in range(cfg.grad_accum):
+        x, y = get_batch(run.data.train, cfg.batch_size, run.model.cfg.block_size, batches, rt.device)
+        last = micro_step == cfg.grad_accum - 1
+        with nullcontext() if rt.world_size == 1 or last else model.no_sync():
+            with run.autocast:
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+        step_loss += loss.detach() / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return lr, step_loss
 
 
 class Clock:
@@ -1399,144 +805,6 @@ class Clock:
         return round(time.perf_counter() - self.start, 3)
 
 
-def prepare_run(cfg, model_cfg, given, rt):
-    """A fresh run, or the checkpoint's (--resume), or a fresh run from its weights (--init-from): the
-    model and tokenizer, the token files, the optimizer and the random state."""
-    # 1) model and tokenizer from the checkpoint when resuming or fine-tuning, so the ids mean the same
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt, model, tokenizer = None, None, None
-    if cfg.resume:
-        ckpt, model, tokenizer, cfg = load_for_resume(ckpt_path, cfg, model_cfg, given, rt.device)
-    elif cfg.init_from:
-        model, tokenizer = load_for_fine_tuning(cfg, model_cfg, given, rt.device)
-        rt.log(f"fine-tuning {cfg.init_from}: its weights and tokenizer, a fresh optimizer and schedule")
-    # 2) the token files: rank 0 writes them while the other ranks wait, then every rank maps the same files
-    if rt.master:
-        prepare_token_files(cfg, tokenizer, rt.log)
-    if rt.world_size > 1:
-        dist.barrier()
-    model_cfg = model.cfg if model is not None else model_cfg
-    meta, train_data, val_data = open_token_files(cfg, model_cfg.block_size)
-    if model is None:
-        tokenizer = tokenizer_from_state(meta["tokenizer"])
-        model = GPT(dataclasses.replace(model_cfg, vocab_size=len(tokenizer.vocab))).to(rt.device)
-    describe(meta, train_data, val_data, model, rt)
-    # Loss is in nats per token; bits per character (char) or per byte (BPE) compare across tokenizers.
-    unit = meta["unit"]
-    bits_per_unit = len(val_data) / meta["val"]["characters" if unit == "char" else "bytes"] / math.log(2)
-    csv_log = CsvLog(os.path.join(cfg.out_dir, "log.csv"), ckpt["step"] if ckpt else None) if rt.master else NoLog()
-    tokens_per_step = cfg.batch_size * model.cfg.block_size * cfg.grad_accum * rt.world_size
-    # 3) optimizer and random state; resuming restores both, so the run continues exactly
-    run = Run(cfg, model, tokenizer, make_optimizer(model, cfg, rt.device_type), {"train": train_data, "val": val_data},
-              unit, bits_per_unit, ckpt_path, csv_log, tokens_per_step, make_autocast(rt.device_type, cfg.dtype))
-    if ckpt is not None:
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.step, run.best_val_loss, run.resumed = ckpt["step"], ckpt["best_val_loss"], True
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"]["cuda"] is not None and rt.device_type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-        rt.log(f"resumed from {ckpt_path} at step {run.step}")
-    return run
-
-
-def load_for_resume(ckpt_path, cfg, model_cfg, given, device):
-    """The checkpoint, its model and tokenizer, and its run's settings, except what this command line
-    sets again (say, a larger --max-iters); flags that fix the model must agree with it."""
-    ckpt, model = load_checkpoint(ckpt_path, device, model_cfg.attention if "attention" in given else None)
-    saved = TrainConfig(**ckpt["train_config"])
-    check_unchanged(given, (model_cfg, cfg), (model.cfg, saved))
-    cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
-    return ckpt, model, tokenizer_from_state(ckpt["tokenizer"]), cfg
-
-
-def describe(meta, train_data, val_data, model, rt):
-    """The data and the model, in two log lines."""
-    n_docs = meta["train"]["documents"] + meta["val"]["documents"]
-    docs = f"{n_docs:,} documents, " if meta["validation"] != "last 10 %" else ""
-    rt.log(f"{docs}{meta['train']['characters'] + meta['val']['characters']:,} characters, {len(train_data):,} train "
-           f"and {len(val_data):,} val tokens, vocab {model.cfg.vocab_size}")
-    m = model.cfg
-    rt.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({m.n_layer} layers, {m.n_head} heads, "
-           f"{m.n_embd} wide, block {m.block_size}) on {rt.device}")
-
-
-def wrap_model(run, rt):
-    """What the steps run: the model, compiled with --compile, wrapped for data-parallel training under
-    torchrun. (Evaluating, saving and sampling use run.model itself.)"""
-    model = run.model
-    if run.cfg.compile:
-        model = compile_or_fall_back(model, run.data["train"], run.cfg, model.cfg.block_size, rt.device, run.autocast)
-    if rt.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-    return model
-
-
-def evaluation_due(run, start_step):
-    """Every eval_interval steps and at the end; a resumed run was evaluated and saved at its first step."""
-    due = run.step % run.cfg.eval_interval == 0 or run.step == run.cfg.max_iters
-    return due and not (run.resumed and run.step == start_step)
-
-
-def evaluate_and_save(run, rt, clock):
-    """Rank 0 evaluates both splits, logs, and saves the checkpoint."""
-    if rt.master:
-        losses = estimate_loss(run.model, run.data, run.cfg, run.model.cfg.block_size, rt.device, run.autocast)
-        run.best_val_loss = min(run.best_val_loss, losses["val"])
-        bits = losses["val"] * run.bits_per_unit
-        rt.log(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-               f"(val {bits:.3f} bits/{run.unit})")
-        run.csv_log.row(**run.progress(clock), lr=learning_rate(run.step, run.cfg), train_loss=losses["train"],
-                        val_loss=losses["val"], val_bits=bits)
-        run.save(rt)
-    clock.restart()  # evaluation time is not training time
-
-
-def stop_agreed(run, rt):
-    """Whether to stop now. With several ranks every one must agree, or the others would wait forever for
-    its gradients; they ask at log steps only, as asking is a sync."""
-    if rt.world_size == 1:
-        return rt.stop["requested"]
-    if run.step % run.cfg.log_interval:
-        return False
-    flag = torch.tensor([float(rt.stop["requested"])], device=rt.device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
-
-
-def save_and_say_how_to_resume(run, rt):
-    """Save where the run stopped, and say how to go on (on stderr if stdout has gone)."""
-    run.save(rt)
-    message = f"saved step {run.step} to {run.ckpt_path}; continue with --resume"
-    if rt.stop["why"] == "stdout closed":
-        print(f"stdout closed: {message}", file=sys.stderr)
-    else:
-        rt.log(f"interrupted: {message}")
-
-
-def training_step(model, run, rt):
-    """One optimizer step: 1) the learning rate, 2) gradients summed over grad_accum micro-batches (DDP
-    all-reduces them in the last backward only), 3) clip, update. Returns the lr and the step's mean loss."""
-    cfg = run.cfg
-    lr = learning_rate(run.step, cfg)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    step_loss = torch.zeros((), device=rt.device)
-    batches = batch_generator(cfg.seed, run.step, rt.rank, rt.world_size)
-    for micro_step in range(cfg.grad_accum):
-        x, y = get_batch(run.data["train"], cfg.batch_size, run.model.cfg.block_size, batches, rt.device)
-        last = micro_step == cfg.grad_accum - 1
-        with nullcontext() if rt.world_size == 1 or last else model.no_sync():
-            with run.autocast:
-                _, loss = model(x, y)
-            (loss / cfg.grad_accum).backward()
-        step_loss += loss.detach() / cfg.grad_accum
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return lr, step_loss
-
-
 def log_progress(run, rt, clock, lr, step_loss):
     """The log line of a step (its loss averaged over the ranks, in place); returns this rank's own loss."""
     local_loss = step_loss.item()  # this rank's batches only
@@ -1551,143 +819,55 @@ def log_progress(run, rt, clock, lr, step_loss):
 
 
 def finish(run, rt, stopped):
-    """Tear down the process group; rank 0 draws loss.png and, unless stopped, prints a sample."""
-    if rt.world_size > 1:
-        dist.barrier()  # rank 0 may still be evaluating: tearing down gloo under it aborts the process
-        dist.destroy_process_group()
-    m = run.model.cfg
+    """Rank 0 draws loss.png (Part II) and, unless the run was stopped, prints a sample."""
     if rt.master and run.cfg.plot:
-        n_params = sum(p.numel() for p in run.model.parameters())
-        title = (f"{n_params / 1e6:.2f} M parameters ({m.n_layer} layers, {m.n_embd} wide) on "
-                 f"{os.path.basename(os.path.normpath(run.cfg.input))}")
-        plot_losses(run.csv_log.path, os.path.join(run.cfg.out_dir, "loss.png"), title)
+        m, n_params = run.model.cfg, sum(p.numel() for p in run.model.parameters())
+        plot_losses(run.csv_log.path, os.path.join(run.cfg.out_dir, "loss.png"),
+                    f"{n_params / 1e6:.2f} M parameters ({m.n_layer} layers, {m.n_embd} wide) on "
+                    f"{os.path.basename(os.path.normpath(run.cfg.input))}")
     if rt.master and not stopped and run.cfg.max_new_tokens > 0:
-        print_sample(run.model, run.tokenizer, run.cfg, rt.device)
+        print_sample(run.model, run.data.tokenizer, run.cfg, rt.device)
 
 
-def load_for_fine_tuning(cfg, model_cfg, given, device):
-    """The --init-from checkpoint's model and tokenizer; model flags given must agree with it."""
-    ckpt, model = load_checkpoint(cfg.init_from, device, model_cfg.attention if "attention" in given else None)
-    check_unchanged(given, (model_cfg, cfg), (model.cfg, TrainConfig(**ckpt["train_config"])),
-                    "when fine-tuning (--init-from)")
-    return model, tokenizer_from_state(ckpt["tokenizer"])
+def train(cfg, model_cfg, given=frozenset()):
+    """python gpt.py: train a GPT from scratch, or on from <out-dir>/ckpt.pt (--resume), or from another run's
+    weights (--init-from); given: the flags typed on the command line. Evaluate and save every eval_interval
+    steps and at the end; Ctrl-C (or SIGTERM) finishes the step, saves and stops. Then loss.png and a sample."""
+    with claim_out_dir(cfg):  # this run alone writes into --out-dir, and replaces no checkpoint unasked (Part III)
+        rt = setup_runtime(cfg)  # the device; under torchrun, this process's rank (Part III)
+        run = prepare_run(cfg, model_cfg, given, rt)
+        model = wrap_model(run, rt)  # what the steps run: compiled (--compile), data-parallel (torchrun), or as is
+        clock, first_step, stopped = Clock(run.csv_log.seconds_offset), run.step, False
+        local_loss, step_loss = math.nan, torch.full((), math.nan)
+        with stop_on_signals(rt.stop):  # a signal only asks the loop to stop between steps (Part III)
+            while True:
+                if (run.step % run.cfg.eval_interval == 0 or run.step == run.cfg.max_iters) and not (
+                        run.resumed and run.step == first_step):  # a resumed run was evaluated at its step
+                    evaluate_and_save(run, rt, clock)
+                if run.step >= run.cfg.max_iters:
+                    break
+                if stop_agreed(run, rt):
+                    stopped = save_and_say_how_to_resume(run, rt)
+                    break
+                lr, step_loss = training_step(model, run, rt)
+                run.step += 1
+                clock.steps += 1
+                if run.step % run.cfg.log_interval == 0 or run.step == run.cfg.max_iters:
+                    local_loss = log_progress(run, rt, clock, lr, step_loss)
+        end_data_parallel(rt, run.step, local_loss, step_loss)
+        finish(run, rt, stopped)
+    if rt.world_size > 1:
+        exit_before_gloo_threads_can_abort()  # after the out-dir's lock is released
+    return run.model
 
 
-def check_unchanged(given, flags, saved, when="on --resume"):
-    """Resuming is the same command again plus --resume, so flags may be given again; but those that fix
-    the model or its tokens must keep the checkpoint's values (when fine-tuning too). flags, saved:
-    (model config, run config) from the command line and from the checkpoint."""
-    (model_flags, run_flags), (model_saved, run_saved) = flags, saved
-    fixed = [(f.name, model_flags, model_saved) for f in dataclasses.fields(GPTConfig) if "help" in f.metadata]
-    fixed.append(("tokenizer", run_flags, run_saved))
-    if run_saved.tokenizer == "bpe":  # a character vocabulary comes from the text, whatever --vocab-size says
-        fixed.append(("vocab_size", run_flags, run_saved))
-    for name, new, old in fixed:
-        if name in given and getattr(new, name) != getattr(old, name):
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(new, name)} differs from the checkpoint's "
-                             f"{getattr(old, name)}, and cannot change {when}: leave it out, or train anew "
-                             "into another --out-dir")
+# ==============================================================================================
+# Part II — further lessons
+# ==============================================================================================
 
-
-def print_line(line):
-    """Print line at once, so `| tee` shows it live. False if the reader has gone (`| head` exited);
-    stdout then goes to /dev/null, where later prints cannot fail."""
-    try:
-        print(line, flush=True)
-        return True
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return False
-
-
-@contextmanager
-def stop_on_signals(stop):
-    """Within: Ctrl-C (SIGINT) and SIGTERM (sent by `kill`, job schedulers, preemptible machines, and by
-    torchrun to its workers) only set stop["requested"], for the loop to act on between steps. A
-    second signal of the same kind acts as it would outside: a KeyboardInterrupt, or the end at once.
-    (Outside the loop SIGTERM keeps its default, which ends even a process blocked in a C call.)"""
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.getsignal(signum) or signal.SIG_DFL for signum in signals}  # None: not set by Python
-
-    def request_stop(signum, frame):
-        stop["requested"] = True
-        signal.signal(signum, previous[signum])
-
-    for signum in signals:
-        signal.signal(signum, request_stop)
-    try:
-        yield
-    finally:
-        for signum in signals:
-            signal.signal(signum, previous[signum])
-
-
-def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
-    """torch.compile fails late (at the first call) when no compiler toolchain works: try one step."""
-    try:
-        compiled = torch.compile(model)
-        x, y = get_batch(train_data, cfg.batch_size, block_size, torch.Generator().manual_seed(0), device)
-        with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):  # the trial step
-            with autocast:  # must not change the run: its dropout draws are undone
-                compiled(x, y)[1].backward()
-        model.zero_grad(set_to_none=True)
-        return compiled
-    except Exception as err:
-        print(f"--compile failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]}); training without it")
-        model.zero_grad(set_to_none=True)
-        return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------------
-
-def start_ids(tokenizer):
-    """What an empty prompt starts from: a newline, after which every speech of the text begins; in a
-    character vocabulary without one, its first character."""
-    try:
-        return encode(tokenizer, "\n")
-    except ValueError:
-        return [0]
-
-
-def print_sample(model, tokenizer, cfg, device):
-    prompt_ids = encode(tokenizer, cfg.prompt) if cfg.prompt else start_ids(tokenizer)
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.kv_cache, generator)
-    elapsed = time.perf_counter() - t0
-    print(tokenizer.decode(out[0, 0 if cfg.prompt else len(prompt_ids):].tolist()))  # the start_ids stay unshown
-    mc = model.cfg
-    if cfg.kv_cache:
-        cache_bytes = 2 * math.prod(KVCache.shape(mc, 1)) * model.wte.weight.element_size()  # keys and values
-        cache_note = f"KV cache {cache_bytes / 1024:.0f} KiB ({mc.kv_heads()} of {mc.n_head} heads keep K/V)"
-    else:
-        cache_note = "no KV cache: the whole context recomputed for every token"
-    print(f"generated {cfg.max_new_tokens} tokens in {elapsed:.2f} s: {cfg.max_new_tokens / elapsed:.0f} tokens/s, {cache_note}")
-
-
-# The flags --sample uses; the model, its tokenizer and its training settings come from the checkpoint.
-SAMPLE_FLAGS = {"out_dir", "device", "seed", "sample", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
-                "kv_cache",
-                "attention"}
-
-
-def sample(cfg, given=frozenset(), attention=None):
-    """Sample from <out-dir>/ckpt.pt; attention, if given, replaces the checkpoint's choice of implementation."""
-    ignored = sorted(given - SAMPLE_FLAGS)
-    if ignored:
-        print(f"note: --sample takes the model from the checkpoint, so it ignores "
-              f"{', '.join('--' + name.replace('_', '-') for name in ignored)}", file=sys.stderr)
-    device = pick_device(cfg.device)
-    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, attention)
-    print_sample(model, tokenizer_from_state(ckpt["tokenizer"]), cfg, device)
-
-
-# ----------------------------------------------------------------------------------------------
-# FlashAttention-2 from scratch (--attention flash): attention_math's formula computed tile by tile, so
-# that no (T, L) matrix ever exists: memory grows as T, not T * L. The names are the paper's (Dao, 2023):
+# ---- FlashAttention-2 from scratch (--attention flash) ------------------------------------------
+# attention_math's formula computed tile by tile, so that no (T, L) matrix ever exists: memory grows as T,
+# not T * L. The names are the paper's (Dao, 2023):
 #   S = Q K^T / sqrt(hd)  the scores of one tile of queries against one tile of keys
 #   m                     the running maximum of each query row's scores, so that exp never overflows
 #   l                     the running sum of exp(S - m) of each row: the softmax denominator so far
@@ -1696,9 +876,9 @@ def sample(cfg, given=frozenset(), attention=None):
 #   D = rowsum(dO * O)    each row's term of the softmax's backward, computed once per backward
 # When a key tile raises a row's maximum from m_old to m_new, the l and O kept so far are sums of
 # exp(S - m_old): multiplying them by exp(m_old - m_new) puts them on the new maximum's scale.
-# ----------------------------------------------------------------------------------------------
 
 FLASH_BLOCK_Q, FLASH_BLOCK_K = 256, 256  # positions per tile: the fastest of 12 pairs from 64 to 1024 at T = 4096 on CPU
+
 
 
 def attention_flash(q, k, v, dropout_p=0.0, block_q=FLASH_BLOCK_Q, block_k=FLASH_BLOCK_K):
@@ -1793,6 +973,7 @@ def flash_backward(dO, q, k, v, O, LSE, g, dropout_p, seed, block_q, block_k):
 class FlashAttention(torch.autograd.Function):
     """Joins the two passes; autograd keeps only q, k, v, O and LSE between them."""
 
+
     @staticmethod
     def forward(ctx, q, k, v, g, dropout_p, seed, block_q, block_k):
         O, LSE = flash_forward(q, k, v, g, dropout_p, seed, block_q, block_k)
@@ -1800,20 +981,21 @@ class FlashAttention(torch.autograd.Function):
         ctx.args = g, dropout_p, seed, block_q, block_k
         return O
 
+
     @staticmethod
     def backward(ctx, dO):
         dq, dk, dv = flash_backward(dO, *ctx.saved_tensors, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
 
 
-# ----------------------------------------------------------------------------------------------
-# Experiment: attention three ways, timed and measured (--bench-attention)
-# ----------------------------------------------------------------------------------------------
+# ---- Attention three ways, timed and measured (--bench-attention) ----------------------------------
+# math stores the (T, T) weights of every head, so its memory grows as T²; sdpa and flash grow as T.
 
 BENCH_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-def bench_attention(device, mem_gib, lengths=BENCH_LENGTHS, impls=ATTENTIONS):
+
+def bench_attention(device, mem_gib, lengths=BENCH_LENGTHS, impls=("sdpa", "math", "flash")):
     """Forward+backward time and peak memory of each attention at batch 1, 4 heads, head size 64,
     causal, float32. Each case runs in a fresh process, so one case's memory cannot hide in another's
     peak, and one that runs out of memory is a row of the table, not the end of the benchmark."""
@@ -1834,24 +1016,8 @@ def bench_attention(device, mem_gib, lengths=BENCH_LENGTHS, impls=ATTENTIONS):
         peaks = "".join(f"{case['peak'] / 2**20:>12.1f}" if "peak" in case else f"{'-':>12}" for case in cases)
         errors = "; ".join(f"{impl}: {case['error']}" for impl, case in zip(impls, cases) if "error" in case)
         print(f"{T:>6} {times}  {peaks}" + (f"  ({errors})" if errors else ""), flush=True)
-    print_bench_targets(results)
     return results
 
-
-def print_bench_targets(results):
-    """The issue's targets, checked on what was measured."""
-    def got(impl, T, key):  # nan where the case is missing or ran out of memory
-        return results.get((impl, T), {}).get(key) or float("nan")
-
-    targets = [
-        ("math's peak memory over flash's at T=8192", got("math", 8192, "peak") / got("flash", 8192, "peak"),
-         "10 or more", lambda x: x >= 10),
-        ("flash's peak memory at T=16384, GiB", got("flash", 16384, "peak") / 2**30, "under 1", lambda x: x < 1),
-        ("flash's time over math's at T=4096", got("flash", 4096, "ms") / got("math", 4096, "ms"), "under 1", lambda x: x < 1),
-        ("flash's time over sdpa's at T=4096", got("flash", 4096, "ms") / got("sdpa", 4096, "ms"), "2.5 or less", lambda x: x <= 2.5)]
-    for text, value, target, met in targets:
-        verdict = "not measured" if math.isnan(value) else "met" if met(value) else "MISSED"
-        print(f"{text}: {value:.2f} (target: {target}): {verdict}")
 
 
 def bench_in_child(impl, T, device, mem_gib):
@@ -1868,6 +1034,7 @@ def bench_in_child(impl, T, device, mem_gib):
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"crashed with exit code {done.returncode}: {last[:120]}"}
     return json.loads(lines[-1])
+
 
 
 def bench_case(impl, T, device, mem_gib):
@@ -1904,6 +1071,7 @@ def bench_case(impl, T, device, mem_gib):
     print(json.dumps({"ms": 1000 * min(times), "peak": peak - baseline}))
 
 
+
 def peak_rss():
     """The most memory this process has had resident, in bytes: Linux's VmHWM (ru_maxrss would also
     count the parent's size, which a child inherits at exec), else ru_maxrss (resource is Unix-only)."""
@@ -1912,6 +1080,7 @@ def peak_rss():
             return 1024 * int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
 
 
 def start_counting_memory(gib):
@@ -1931,86 +1100,12 @@ def start_counting_memory(gib):
     return peak_rss()
 
 
-# ----------------------------------------------------------------------------------------------
-# Experiment: the data path at scale (--bench-data): memory flat in the corpus size, time linear in it
-# ----------------------------------------------------------------------------------------------
-
-def bench_data(cfg, keep):
-    """Generated corpora of 10 MB, 100 MB, ... up to --bench-data MB, each tokenized with characters and
-    with BPE 4096 and then trained on for 50 steps, each case in a fresh process so that its peak memory
-    (RSS) is its own. Everything is written into --out-dir when one is given (and kept, so the corpora
-    are made once), else into a temporary directory, removed at the end."""
-    root = cfg.out_dir if keep else tempfile.mkdtemp(prefix="gpt-bench-data-")
-    sizes = sorted({*(10 ** k for k in range(1, 7) if 10 ** k < cfg.bench_data), cfg.bench_data})
-    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    print(f"data path: corpora of 1 MB files (speeches of input.txt in random order) in {root}; each case "
-          f"tokenizes, then trains the cpu preset's model 50 steps ({os.cpu_count()} cores{load})")
-    print(f"{'MB':>6} {'tokenizer':>9} {'tokenize s':>10} {'MB/s':>6} {'BPE train s':>11} {'50 steps s':>10} {'peak RSS MiB':>12}")
-    cases = {}
-    try:
-        for mb in sizes:
-            corpus = make_corpus(os.path.join(root, f"corpus-{mb}mb"), mb)
-            for tokenizer in ("char", "bpe"):
-                case = bench_data_case(corpus, tokenizer, os.path.join(root, f"run-{mb}mb-{tokenizer}"))
-                cases[mb, tokenizer] = case
-                print(f"{mb:>6} {tokenizer:>9} {case['tokenize']:>10.1f} {case['mb'] / case['tokenize']:>6.1f} "
-                      f"{case['bpe_train']:>11.1f} {case['train']:>10.1f} {case['peak'] / 2**20:>12.0f}", flush=True)
-    finally:
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
-    # the speed target is for the largest corpus: on small ones, training BPE on its sample and starting
-    # the threads take a fixed second or so, which is not a speed
-    at_largest = {tokenizer: case["mb"] / case["tokenize"] for (mb, tokenizer), case in cases.items() if mb == sizes[-1]}
-    slowest = min(at_largest.values())
-    largest = max(case["peak"] for case in cases.values()) / 2**30
-    print(f"tokenization at {sizes[-1]} MB: char {at_largest['char']:.1f}, BPE {at_largest['bpe']:.1f} MB/s (target: 20 "
-          f"or more): {'met' if slowest >= 20 else 'MISSED'}")
-    print(f"largest peak RSS: {largest:.2f} GiB (target: under 1.5): {'met' if largest < 1.5 else 'MISSED'}")
-    return cases
-
-
-def make_corpus(path, mb, seed=0):
-    """mb files of about 1 MB, each of speeches of input.txt drawn at random: real words in new orders,
-    so BPE meets text like a corpus's, not one file repeated. Written once, under a temporary name."""
-    if not os.path.isdir(path):
-        speeches = read_text(os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")).split("\n\n")
-        per_file = 10**6 * len(speeches) // sum(len(speech) + 2 for speech in speeches)
-        rng, tmp = random.Random(seed), path + ".tmp"
-        os.makedirs(tmp, exist_ok=True)
-        for i in range(mb):
-            with open(os.path.join(tmp, f"{i:05d}.txt"), "w", encoding="utf-8") as f:
-                f.write("\n\n".join(rng.choices(speeches, k=per_file)) + "\n")
-        os.replace(tmp, path)
-    return path
-
-
-def bench_data_case(corpus, tokenizer, out_dir):
-    """One run of gpt.py in a fresh Python: tokenize the corpus anew, train 50 steps; times and peak RSS."""
-    shutil.rmtree(out_dir, ignore_errors=True)  # no token files to reuse: the case measures building them
-    argv = ["--input", corpus, "--tokenizer", tokenizer, "--vocab-size", "4096", "--max-iters", "50", "--out-dir",
-            out_dir, "--preset", "cpu", "--device", "cpu", "--no-plot", "--max-new-tokens", "0"]
-    code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); import gpt; t0 = time.perf_counter(); "
-            "gpt.main(sys.argv[2:]); print(json.dumps({'seconds': time.perf_counter() - t0, 'peak': gpt.peak_rss()}))")
-    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), *argv],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise ValueError(f"--bench-data: the {tokenizer} run on {corpus} failed: "
-                         f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-    result, meta = json.loads(done.stdout.strip().splitlines()[-1]), read_token_meta(out_dir)
-    bpe_train = re.search(r"^trained a BPE tokenizer of \d+ tokens in ([\d.]+) s$", done.stdout, re.M)
-    return dict(mb=meta["bytes"] / 1e6, tokenize=meta["seconds"], train=result["seconds"] - meta["seconds"],
-                bpe_train=float(bpe_train.group(1)) if bpe_train else 0.0, peak=result["peak"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Experiments: loss curves, a scaling-law sweep, what the embeddings learned
-# ----------------------------------------------------------------------------------------------
+# ---- Experiments: loss curves -------------------------------------------------------------------
 
 def read_csv(path):
     """A CSV file of numbers as a list of dicts; empty cells become None."""
-    with open(path, encoding="utf-8") as f:
-        header, *lines = f.read().splitlines()
-    return [{k: float(v) if v else None for k, v in zip(header.split(","), line.split(","))} for line in lines]
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def new_figure():
@@ -2021,6 +1116,7 @@ def new_figure():
     import matplotlib.pyplot as plt
     plt.rcParams.update({"axes.formatter.min_exponent": 3})  # 0.5, 2, 300 rather than 5e-1, 2e0, 3e2
     return plt, *plt.subplots(figsize=(7, 4.5))
+
 
 
 def plot_losses(csv_path, png_path, title):
@@ -2042,15 +1138,17 @@ def plot_losses(csv_path, png_path, title):
     plt.close(fig)
 
 
-# -- Scaling laws, Chinchilla's iso-FLOP method: at each compute budget C, train models of several
-#    sizes N for D = C / flops_per_token tokens each; the loss is a valley in log N whose bottom N* is
-#    the best size for that budget. How N* and D* grow with C are the scaling exponents a and b.
+# ---- Experiments: scaling laws, Chinchilla's iso-FLOP method -------------------------------------
+# At each compute budget C, train models of several sizes N for D = C / flops_per_token tokens each; the
+# loss is a valley in log N whose bottom N* is the best size for that budget. How N* and D* grow with C
+# are the scaling exponents a and b.
 
 def fit_line(x, y):
     """Least-squares slope and intercept of y = slope·x + intercept."""
     x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
     slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
     return slope.item(), (y.mean() - slope * x.mean()).item()
+
 
 
 def parabola_minimum(log_n, loss):
@@ -2066,6 +1164,7 @@ def parabola_minimum(log_n, loss):
             return u_star, a * u_star ** 2 + b * u_star + c
     best = min(range(len(loss)), key=loss.__getitem__)
     return log_n[best], loss[best]
+
 
 
 def fit_scaling_law(runs):
@@ -2088,6 +1187,7 @@ def fit_scaling_law(runs):
     return optima, a, b, alpha
 
 
+
 def quiet_run(cfg, m, steps, run_dir):
     """One run of an experiment, its log unprinted: (its last evaluation's log.csv row, seconds taken)."""
     run_cfg = dataclasses.replace(cfg, out_dir=run_dir, sweep=False, ablation="", plot=False, max_new_tokens=0,
@@ -2102,6 +1202,7 @@ def quiet_run(cfg, m, steps, run_dir):
     return last_eval, round(time.perf_counter() - t0, 1)
 
 
+
 def sweep_run(cfg, m, budget, run_dir):
     """One point of the sweep: model m trained for `budget` FLOPs; returns its sweep.csv row."""
     steps = max(1, round(budget / (cfg.batch_size * m.block_size * cfg.grad_accum * flops_per_token(m))))
@@ -2111,10 +1212,12 @@ def sweep_run(cfg, m, budget, run_dir):
                 steps=steps, tokens=last_eval["tokens"], val_loss=last_eval["val_loss"], seconds=seconds)
 
 
+
 def experiment_vocab_size(cfg):
     """The vocabulary size each run of an experiment will get from its tokenizer."""
     files = input_files(cfg.input)
     return len(build_tokenizer(files, validation_cut(files), cfg, log=lambda line: None).vocab)
+
 
 
 def scaling_sweep(cfg, model_cfg):
@@ -2156,6 +1259,7 @@ def scaling_sweep(cfg, model_cfg):
     return optima, a, b, alpha
 
 
+
 def plot_sweep(runs, optima, png_path):
     """sweep.png: loss against N, one valley per budget, its bottom N* marked."""
     plt, fig, ax = new_figure()
@@ -2171,8 +1275,9 @@ def plot_sweep(runs, optima, png_path):
     plt.close(fig)
 
 
-# -- What the embeddings learned: tokens used alike get similar vectors (with weight tying, wte is also
-#    the output layer, so tokens that are predicted in the same places are pulled together too).
+# ---- Experiments: what the embeddings learned (--embeddings) -------------------------------------
+# Tokens used alike get similar vectors (with weight tying, wte is also the output layer, so tokens that are
+# predicted in the same places are pulled together too).
 
 def cosine_neighbours(emb, ids, k=5):
     """For each id, the k other rows of emb (V, C) with the highest cosine similarity: [(id, cos), ...]."""
@@ -2181,6 +1286,7 @@ def cosine_neighbours(emb, ids, k=5):
     sims[torch.arange(len(ids)), torch.tensor(ids)] = -2.0  # not itself
     best = sims.topk(min(k, emb.size(0) - 1), dim=1)
     return [list(zip(i.tolist(), s.tolist())) for i, s in zip(best.indices, best.values)]
+
 
 
 def group_similarity(emb, groups):
@@ -2196,6 +1302,7 @@ def group_similarity(emb, groups):
     return result
 
 
+
 def char_groups(chars):
     """The groups a char model's embeddings are tested for: letters by case and by vowel, digits, punctuation."""
     have = lambda s: [chars.index(c) for c in s if c in chars]  # noqa: E731
@@ -2203,6 +1310,7 @@ def char_groups(chars):
               "uppercase": have("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), "digits": have("0123456789"),
               "punctuation": have("!\"&'(),-.:;?[]")}
     return {name: ids for name, ids in groups.items() if len(ids) >= 2}
+
 
 
 def case_twin_similarity(emb, chars):
@@ -2213,6 +1321,7 @@ def case_twin_similarity(emb, chars):
     twin = sum((unit[lo] @ unit[up]).item() for lo, up in pairs) / len(pairs)
     other = sum((unit[lo] @ unit[u]).item() for lo, up in pairs for u in upper if u != up) / (len(pairs) * (len(pairs) - 1))
     return twin, other
+
 
 
 def show_embeddings(cfg):
@@ -2239,12 +1348,14 @@ def show_embeddings(cfg):
     plot_embeddings(emb, [tokenizer.decode([i]) for i in range(emb.size(0))], os.path.join(cfg.out_dir, "embeddings.png"))
 
 
+
 def frequent_words(tokenizer, text, n):
     """The n most frequent BPE tokens of the text that are whole words (a space and 3+ letters)."""
-    counts = torch.bincount(torch.tensor(encode(tokenizer, text[: int(0.9 * len(text))])), minlength=len(tokenizer.vocab))
+    counts = torch.bincount(torch.tensor(tokenizer.encode(text[: int(0.9 * len(text))], allowed_special="all")), minlength=len(tokenizer.vocab))
     words = [i for i in counts.argsort(descending=True).tolist()
              if len(tokenizer.decode([i])) >= 4 and tokenizer.decode([i])[0] == " " and tokenizer.decode([i])[1:].isalpha()]
     return words[:n]
+
 
 
 def plot_embeddings(emb, labels, png_path, max_labels=120):
@@ -2261,8 +1372,7 @@ def plot_embeddings(emb, labels, png_path, max_labels=120):
     plt.close(fig)
 
 
-# ---- Ablation: what each modern option buys, alone and together --------------------------------
-
+# ---- Experiments: ablations, what each modern option buys, alone and together (--ablation) ---------
 # Each row changes these settings of the run's own (GPT-2's with --preset gpt2). "depth" is meant for a
 # deeper model (--n-layer 6): where the placement of the norm, the warmup and the residuals matter.
 ABLATIONS = {
@@ -2276,11 +1386,13 @@ ABLATIONS = {
 }
 
 
+
 def with_settings(cfg, m, settings):
     """(run config, model config) with settings applied to whichever of the two has each field."""
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
     return (dataclasses.replace(cfg, **{k: v for k, v in settings.items() if k not in model_fields}),
             dataclasses.replace(m, **{k: v for k, v in settings.items() if k in model_fields}))
+
 
 
 def step_times(variants, rounds=9, steps=5):
@@ -2313,6 +1425,7 @@ def step_times(variants, rounds=9, steps=5):
     return [min(times) for _, times in timed]
 
 
+
 def kept_step_times(rows, variants, path):
     """step_times of the rows, measured once and kept in path (JSON): a continued ablation reuses them, so
     its 'same time' runs keep their lengths. Rows new since then are timed beside the first row and
@@ -2331,6 +1444,7 @@ def kept_step_times(rows, variants, path):
             json.dump(kept, f, indent=1)
         os.replace(path + ".tmp", path)
     return [kept[key] for key in keys]
+
 
 
 def ablation(cfg, model_cfg):
@@ -2375,21 +1489,986 @@ def ablation(cfg, model_cfg):
         print(f"{name:22} {timing:>13} {mean_spread(losses[cfg.max_iters]):>22} {after_same_time}".rstrip(), flush=True)
 
 
+
 def mean_spread(values):
     """'mean ± standard deviation' of the seeds' results."""
     t = torch.tensor(values, dtype=torch.float64)
     return f"{t.mean():.4f} ± {t.std() if len(values) > 1 else 0:.4f}"
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
+# ---- The data path at scale, measured (--bench-data): memory flat in the corpus size, time linear ----
+
+def bench_data(cfg, keep):
+    """Generated corpora of 10 MB, 100 MB, ... up to --bench-data MB, each tokenized with characters and
+    with BPE 4096 and then trained on for 50 steps, each case in a fresh process so that its peak memory
+    (RSS) is its own. Everything is written into --out-dir when one is given (and kept, so the corpora
+    are made once), else into a temporary directory, removed at the end."""
+    root = cfg.out_dir if keep else tempfile.mkdtemp(prefix="gpt-bench-data-")
+    sizes = sorted({*(10 ** k for k in range(1, 7) if 10 ** k < cfg.bench_data), cfg.bench_data})
+    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    print(f"data path: corpora of 1 MB files (speeches of input.txt in random order) in {root}; each case "
+          f"tokenizes, then trains the cpu preset's model 50 steps ({os.cpu_count()} cores{load})")
+    print(f"{'MB':>6} {'tokenizer':>9} {'tokenize s':>10} {'MB/s':>6} {'BPE train s':>11} {'50 steps s':>10} {'peak RSS MiB':>12}")
+    cases = {}
+    try:
+        for mb in sizes:
+            corpus = make_corpus(os.path.join(root, f"corpus-{mb}mb"), mb)
+            for tokenizer in ("char", "bpe"):
+                case = bench_data_case(corpus, tokenizer, os.path.join(root, f"run-{mb}mb-{tokenizer}"))
+                cases[mb, tokenizer] = case
+                print(f"{mb:>6} {tokenizer:>9} {case['tokenize']:>10.1f} {case['mb'] / case['tokenize']:>6.1f} "
+                      f"{case['bpe_train']:>11.1f} {case['train']:>10.1f} {case['peak'] / 2**20:>12.0f}", flush=True)
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    largest = sizes[-1]
+    print(f"at {largest} MB: tokenized at {cases[largest, 'char']['mb'] / cases[largest, 'char']['tokenize']:.1f} MB/s "
+          f"(char) and {cases[largest, 'bpe']['mb'] / cases[largest, 'bpe']['tokenize']:.1f} MB/s (BPE); largest peak "
+          f"RSS {max(case['peak'] for case in cases.values()) / 2**30:.2f} GiB")
+    return cases
+
+
+
+def make_corpus(path, mb, seed=0):
+    """mb files of about 1 MB, each of speeches of input.txt drawn at random: real words in new orders,
+    so BPE meets text like a corpus's, not one file repeated. Written once, under a temporary name."""
+    if not os.path.isdir(path):
+        speeches = read_text(os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")).split("\n\n")
+        per_file = 10**6 * len(speeches) // sum(len(speech) + 2 for speech in speeches)
+        rng, tmp = random.Random(seed), path + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        for i in range(mb):
+            with open(os.path.join(tmp, f"{i:05d}.txt"), "w", encoding="utf-8") as f:
+                f.write("\n\n".join(rng.choices(speeches, k=per_file)) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+
+def bench_data_case(corpus, tokenizer, out_dir):
+    """One run of gpt.py in a fresh Python: tokenize the corpus anew, train 50 steps; times and peak RSS."""
+    shutil.rmtree(out_dir, ignore_errors=True)  # no token files to reuse: the case measures building them
+    argv = ["--input", corpus, "--tokenizer", tokenizer, "--vocab-size", "4096", "--max-iters", "50", "--out-dir",
+            out_dir, "--preset", "cpu", "--device", "cpu", "--no-plot", "--max-new-tokens", "0"]
+    code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); import gpt; t0 = time.perf_counter(); "
+            "gpt.main(sys.argv[2:]); print(json.dumps({'seconds': time.perf_counter() - t0, 'peak': gpt.peak_rss()}))")
+    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), *argv],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"--bench-data: the {tokenizer} run on {corpus} failed: "
+                         f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    result, meta = json.loads(done.stdout.strip().splitlines()[-1]), read_token_meta(out_dir)
+    bpe_train = re.search(r"^trained a BPE tokenizer of \d+ tokens in ([\d.]+) s$", done.stdout, re.M)
+    return dict(mb=meta["bytes"] / 1e6, tokenize=meta["seconds"], train=result["seconds"] - meta["seconds"],
+                bpe_train=float(bpe_train.group(1)) if bpe_train else 0.0, peak=result["peak"])
+
+
+
+# ==============================================================================================
+# Part III — machinery
+# ==============================================================================================
+
+# ---- Token files: a corpus larger than memory ----------------------------------------------------
+# The input (a file, a directory or a glob; a .txt file is one document, a .jsonl line another) is read
+# once, in pieces, and its token ids are appended to <out-dir>/train.bin and val.bin, a batch of pieces at
+# a time: memory holds one batch, whatever the corpus. Training reads its windows from memory maps of the
+# two files, so only the pages it touches are loaded; tokens.json, written last, records what the files
+# were built from, so that the next run with the same input and tokenizer reuses them.
+
+PIECE_CHARS = 1 << 20  # characters read from a file at a time
+
+BATCH_CHARS = 1 << 24  # characters encoded at a time: enough pieces for every core, ~0.3 GB of ids at most
+
+
+
+def load_token_files(cfg, tokenizer, log):
+    """load_data for a corpus: rank 0 makes sure <out-dir>/train.bin and val.bin hold its ids (while the
+    other ranks of torchrun wait), then every rank maps the same files."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        prepare_token_files(cfg, tokenizer, log)
+    if dist.is_initialized():
+        dist.barrier()
+    meta, train, val = open_token_files(cfg.out_dir)
+    unit = meta["unit"]
+    documents = meta["train"]["documents"] + meta["val"]["documents"] if meta["validation"] != "last 10 %" else 1
+    return Data(tokenizer_from_state(meta["tokenizer"]), train, val, unit,
+                meta["val"]["characters" if unit == "char" else "bytes"],
+                meta["train"]["characters"] + meta["val"]["characters"], documents)
+
+
+def input_files(spec):
+    """--input as a sorted list of files: the file itself, every *.txt and *.jsonl file below a directory,
+    or the files a glob matches."""
+    if os.path.isdir(spec):
+        files = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
+                 if name.endswith((".txt", ".jsonl"))]
+        what = "no *.txt or *.jsonl file below this directory"
+    elif os.path.exists(spec):
+        files, what = [spec], ""
+    elif any(c in spec for c in "*?["):
+        files, what = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)], "the glob matches no file"
+    else:
+        files, what = [], "no such file"
+    if not files:
+        raise ValueError(f"{spec}: {what}; pass a text file, a directory or a quoted glob with --input")
+    if len(files) == 1 and os.path.getsize(files[0]) == 0:
+        raise ValueError(f"{files[0]}: file is empty; pass a text file with --input")
+    return sorted(files)
+
+
+
+def file_pieces(path):
+    """A text file in pieces of about PIECE_CHARS characters. Each piece but the last ends with a line
+    break that a non-space character follows: the GPT-4 split pattern never joins text across such a
+    place, so BPE encodes the pieces one by one into exactly the ids of the whole file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            carry = ""
+            while block := f.read(PIECE_CHARS):
+                text = carry + block
+                cut = text.rfind("\n", 0, len(text) - 1) + 1
+                while cut > 0 and text[cut].isspace():
+                    cut = text.rfind("\n", 0, cut - 1) + 1
+                if cut > 0:
+                    yield text[:cut]
+                carry = text[cut:]  # no such line break in it (rare: one long line): read on
+            if carry:
+                yield carry
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+
+
+
+def jsonl_texts(path):
+    """The documents of a JSON Lines file, one {"text": ...} per line; blank lines and empty texts skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise TypeError
+                if record["text"]:
+                    yield record["text"]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
+    except (ValueError, TypeError):
+        raise ValueError(f'{path}, line {number}: not a JSON object with a "text" string, as each line of a '
+                         '.jsonl file must be') from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+
+
+
+def documents(files):
+    """Every document of the input, each as an iterable of text pieces."""
+    for path in files:
+        if path.endswith(".jsonl"):
+            yield from ([text] for text in jsonl_texts(path))
+        elif os.path.getsize(path):
+            yield file_pieces(path)
+
+
+
+def validation_cut(files):
+    """A single text file validates on its last 10 % (the character where it starts, counted in one pass);
+    several documents on every tenth document (None)."""
+    if len(files) == 1 and not files[0].endswith(".jsonl"):
+        return int(0.9 * sum(map(len, file_pieces(files[0]))))
+    return None
+
+
+
+def split_pieces(files, cut):
+    """(split, piece, starts a document) for the whole input, in order. With a cut, the file's first cut
+    characters train and the rest validates; each part is encoded on its own, so no token straddles
+    the cut. Without, document i validates if i % 10 == 9: validation text is never trained on."""
+    if cut is not None:
+        done = 0
+        for piece in file_pieces(files[0]):
+            head, tail = piece[:max(0, cut - done)], piece[max(0, cut - done):]
+            if head:
+                yield "train", head, done == 0
+            if tail:
+                yield "val", tail, done <= cut
+            done += len(piece)
+        return
+    for i, pieces in enumerate(documents(files)):
+        for j, piece in enumerate(pieces):
+            yield "val" if i % 10 == 9 else "train", piece, j == 0
+
+
+
+class Progress:
+    """'tokenizing: 120.0 MB done, 35.2 MB/s' every few seconds, for a pass long enough to wonder about."""
+
+    def __init__(self, what, log, every=5.0):
+        self.what, self.log, self.every, self.done = what, log, every, 0
+        self.start = self.shown = time.perf_counter()
+
+    def add(self, n_bytes):
+        self.done += n_bytes
+        now = time.perf_counter()
+        if now - self.shown >= self.every:
+            self.log(f"{self.what}: {self.done / 1e6:,.1f} MB done, {self.done / 1e6 / (now - self.start):.1f} MB/s")
+            self.shown = now
+
+
+
+def build_tokenizer(files, cut, cfg, log=print):
+    """make_tokenizer for a corpus, in one pass over it: every character of the input (and the newline of the
+    separator), or the first bpe_sample_mb of its training text."""
+    chars, sample, size, limit = set() if cut is not None else {"\n"}, [], 0, int(cfg.bpe_sample_mb * 1e6)
+    progress = Progress("finding the characters", log) if cfg.tokenizer == "char" else None
+    for split, piece, starts in split_pieces(files, cut):
+        if progress:
+            chars.update(piece)
+            progress.add(len(piece))
+        elif size >= limit:
+            break
+        elif split == "train":
+            sample.append(("\n" if starts and sample else "") + piece[:limit - size])
+            size += len(sample[-1])
+    return make_tokenizer(cfg, chars, "".join(sample), log)
+
+
+def batch_encoder(tokenizer, pool):
+    """A function from a list of text pieces to their ids, one after the other, as a numpy array.
+    Characters go through a lookup table indexed by code point; BPE through tiktoken (Rust), a piece per
+    thread of pool: tiktoken lets go of Python's lock while it encodes, and hands back numpy arrays."""
+    if not hasattr(tokenizer, "to_tiktoken"):  # characters
+        table = np.full(0x110000, -1, dtype=np.int32)  # every Unicode code point -> its id; -1: not in the vocabulary
+        table[[ord(ch) for ch in tokenizer.chars]] = np.arange(len(tokenizer.chars))
+        return lambda pieces: char_ids("".join(pieces), table)
+    # Each thread gets an Encoding of its own. The regex engine under tiktoken keeps its scratch space in
+    # a pool that only the first thread to search reaches without a lock; threads sharing one Encoding
+    # spent over a quarter of their time taking and returning that lock (2 threads: 15 MB/s shared, 35 apart).
+    local, lock = threading.local(), threading.Lock()
+
+    def encode_piece(piece):
+        if not hasattr(local, "encoding"):
+            with lock:  # to_tiktoken re-derives the tokenizer's tables: one thread at a time
+                local.encoding = tokenizer.to_tiktoken()
+        return local.encoding.encode_to_numpy(piece, allowed_special="all")
+    return lambda pieces: np.concatenate(list(pool.map(encode_piece, pieces)))
+
+
+
+def char_ids(text, table):
+    """The ids of text's characters: ASCII text is its own bytes, any other is read as UTF-32 code points."""
+    ascii = text.isascii()
+    codes = np.frombuffer(text.encode("ascii" if ascii else "utf-32-le"), dtype=np.uint8 if ascii else np.uint32)
+    ids = table[codes]
+    if (ids < 0).any():
+        unknown = chr(codes[np.argmax(ids < 0)])
+        raise ValueError(f"character {unknown!r} of --input is not in the vocabulary of this character-level model; "
+                         "remove it from the text, or use a --tokenizer bpe model, which encodes any text")
+    return ids
+
+
+
+class TokenWriter:
+    """Appends the ids of one split's text to its file, a batch of pieces at a time. A document after the
+    first starts with a separator: <|endoftext|> with BPE, a blank line with characters."""
+
+    def __init__(self, path, encode, dtype, bpe):
+        self.file, self.encode, self.dtype, self.bpe = open(path, "wb"), encode, dtype, bpe
+        self.pending, self.pending_chars, self.last_char = [], 0, ""
+        self.tokens = self.characters = self.bytes = self.documents = 0  # of the documents, separators not counted
+
+    def add(self, piece, starts_document, n_bytes):
+        self.characters += len(piece)
+        self.bytes += n_bytes
+        if starts_document:
+            if self.documents:
+                piece = ("<|endoftext|>" if self.bpe else "\n" if self.last_char == "\n" else "\n\n") + piece
+            self.documents += 1
+        self.last_char = piece[-1]
+        self.pending.append(piece)
+        self.pending_chars += len(piece)
+        if self.pending_chars >= BATCH_CHARS:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            ids = self.encode(self.pending)
+            ids.astype(self.dtype).tofile(self.file)
+            self.tokens += len(ids)
+            self.pending, self.pending_chars = [], 0
+
+
+
+def input_fingerprint(files):
+    """What token files are built from: each input file's path, size and modification time, hashed."""
+    stats = [(os.path.abspath(p), s.st_size, s.st_mtime_ns) for p in files for s in [os.stat(p)]]
+    return hashlib.sha256(json.dumps(stats).encode("utf-8")).hexdigest()
+
+
+
+def prepare_token_files(cfg, tokenizer, log):
+    """Make <out-dir>/train.bin and val.bin hold the input's ids, unless tokens.json shows that they already
+    do: the same input files and either this tokenizer (resuming, fine-tuning) or, for a new one, the
+    same recipe. Otherwise tokens.json goes first, the files are written under temporary names and
+    renamed, and tokens.json comes last: an interrupted build leaves nothing that looks whole."""
+    files = input_files(cfg.input)
+    recipe = {"tokenizer": cfg.tokenizer, **({"vocab_size": cfg.vocab_size, "bpe_sample_mb": cfg.bpe_sample_mb}
+                                              if cfg.tokenizer == "bpe" else {})}
+    meta_path = os.path.join(cfg.out_dir, "tokens.json")
+    if token_files_current(read_token_meta(cfg.out_dir), cfg.out_dir, files, recipe, tokenizer):
+        log(f"token files in {cfg.out_dir} are up to date (same input, same tokenizer): reused")
+        return
+    with suppress(FileNotFoundError):
+        os.remove(meta_path)
+    t0 = time.perf_counter()
+    cut = validation_cut(files)
+    tokenizer = tokenizer or build_tokenizer(files, cut, cfg, log)
+    meta = write_token_files(files, cut, tokenizer, cfg.out_dir, log)
+    meta.update(version=1, input=cfg.input, fingerprint=input_fingerprint(files), recipe=recipe,
+                tokenizer=tokenizer_state(tokenizer), seconds=round(time.perf_counter() - t0, 3))
+    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    os.replace(meta_path + ".tmp", meta_path)
+    log(f"tokenized {meta['bytes']:,} bytes in {meta['seconds']:.2f} s ({meta['bytes'] / 1e6 / meta['seconds']:.1f} "
+        f"MB/s) into {os.path.join(cfg.out_dir, 'train.bin')} and val.bin")
+
+
+
+def token_files_current(meta, out_dir, files, recipe, tokenizer):
+    """Whether tokens.json vouches for train.bin and val.bin as the ids of these files by this tokenizer
+    (or, when there is none yet, by this recipe), and both files have the size it says."""
+    if not meta or meta["fingerprint"] != input_fingerprint(files):
+        return False
+    if (meta["tokenizer"] != json.loads(json.dumps(tokenizer_state(tokenizer)))) if tokenizer else (meta["recipe"] != recipe):
+        return False
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
+    return all(os.path.isfile(path) and os.path.getsize(path) == meta[split]["tokens"] * itemsize
+               for split, path in paths.items())
+
+
+
+def write_token_files(files, cut, tokenizer, out_dir, log):
+    """Encode the input into train.bin and val.bin (uint16 ids when the vocabulary fits, else uint32)."""
+    dtype = np.uint16 if len(tokenizer.vocab) <= 2**16 else np.uint32
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+    encode, bpe = batch_encoder(tokenizer, pool), "<|endoftext|>" in getattr(tokenizer, "special_tokens", {})
+    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
+    writers, progress, done = {}, Progress("tokenizing", log), False
+    try:
+        writers = {split: TokenWriter(path + ".tmp", encode, dtype, bpe) for split, path in paths.items()}
+        for split, piece, starts in split_pieces(files, cut):
+            n_bytes = len(piece.encode("utf-8"))
+            writers[split].add(piece, starts, n_bytes)
+            progress.add(n_bytes)
+        for writer in writers.values():
+            writer.flush()
+        done = True
+    finally:
+        pool.shutdown()
+        for split, writer in writers.items():
+            writer.file.close()
+            if done:
+                os.replace(paths[split] + ".tmp", paths[split])
+            else:
+                with suppress(OSError):
+                    os.remove(paths[split] + ".tmp")
+    return {"dtype": np.dtype(dtype).name, "unit": "byte" if bpe else "char", "bytes": progress.done,
+            "validation": "last 10 %" if cut is not None else "every tenth document",
+            **{split: {"tokens": w.tokens, "characters": w.characters, "bytes": w.bytes, "documents": w.documents}
+               for split, w in writers.items()}}
+
+
+
+class TokenFile:
+    """A token file as an array of ids through a memory map: reading a window loads only the pages it
+    touches. Touched pages would stay counted as the process's memory, though, and the page cache
+    hands them out up to 2 MB at a time (4,000 batches of a 2 GB file: 1.8 GB), so each read gives
+    them back (madvise; they stay cached, so reading them again is still fast). Without madvise
+    (Windows), they stay."""
+
+    def __init__(self, path, dtype):
+        with open(path, "rb") as f:  # an empty file cannot be mapped: it is an empty array
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else None
+        self.ids = np.frombuffer(self.map or b"", dtype=dtype)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        ids = np.array(self.ids[index])  # a copy, which outlives the pages
+        if self.map and hasattr(self.map, "madvise"):
+            self.map.madvise(mmap.MADV_DONTNEED)
+        return ids
+
+
+
+def read_token_meta(out_dir):
+    """tokens.json, or None if there is none (or it is unreadable, or of another version)."""
+    try:
+        with open(os.path.join(out_dir, "tokens.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        return meta if meta.get("version") == 1 else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+
+def open_token_files(out_dir):
+    """tokens.json, and train.bin and val.bin as TokenFiles."""
+    meta = read_token_meta(out_dir)
+    return meta, *(TokenFile(os.path.join(out_dir, f"{split}.bin"), meta["dtype"]) for split in ("train", "val"))
+
+
+def check_fits(block_size, data, cfg):
+    """Each split must hold at least one (x, y) window of block_size + 1 tokens."""
+    for split, name in ((data.train, "training"), (data.val, "validation")):
+        if len(split) <= block_size:
+            hint = " (every tenth document validates: give at least ten)" if data.documents > 1 else ""
+            raise ValueError(f"{cfg.input}: the {name} split has {len(split)} tokens but needs more than "
+                             f"block_size={block_size}{hint}; use a longer text or a smaller --block-size")
+
+# ---- Checkpoints: everything to resume exactly or to sample, never lost -----------------------------
+
+CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes, so old files fail with a clear message
+
+
+
+def tokenizer_state(tokenizer):
+    """A plain dict that goes into the checkpoint (and tokens.json), so sampling needs no input text."""
+    if hasattr(tokenizer, "chars"):
+        return {"kind": "char", "chars": tokenizer.chars}
+    return {"kind": "bpe", "bpe": tokenizer.to_dict()}
+
+
+def tokenizer_from_state(state):
+    if state["kind"] == "char":
+        return CharTokenizer(state["chars"])
+    import tokenizer_bpe
+    return tokenizer_bpe.BPETokenizer.from_dict(state["bpe"], "the checkpoint's tokenizer")
+
+
+
+def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val_loss, tokenizer):
+    """Everything needed to resume exactly or to sample, as tensors and plain types (weights_only-safe).
+    Written to a temp file and renamed, so a crash or a full disk mid-write never leaves a broken ckpt.pt."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "model_config": dataclasses.asdict(model_cfg),
+        "train_config": dataclasses.asdict(train_cfg),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "best_val_loss": best_val_loss,
+        "rng": {"torch": torch.get_rng_state(),  # dropout; the batches need none (batch_generator)
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+        "tokenizer": tokenizer_state(tokenizer),
+    }
+    try:
+        with open(path + ".tmp", "wb") as f:  # opened here, not by torch.save, so a failure names its cause
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: after a power cut, the old file or the new one
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as err:
+        with suppress(OSError):
+            os.remove(path + ".tmp")
+        raise ValueError(f"{path}: cannot write the checkpoint ({write_failure(err)}); "
+                         "the checkpoint saved before, if any, is unchanged") from None
+
+
+
+def write_failure(err):
+    """The real cause of a failed write, and what to do. torch.save reports a failed write as a
+    RuntimeError ('unexpected pos') whose __context__ is the OSError that says why."""
+    while not isinstance(err, OSError) and err.__context__ is not None:
+        err = err.__context__
+    if not isinstance(err, OSError):
+        return str(err).strip().splitlines()[0]
+    fixes = {errno.ENOSPC: "free some disk space", errno.EACCES: "make --out-dir writable",
+             errno.EPERM: "make --out-dir writable", errno.EROFS: "pass a --out-dir on a writable disk"}
+    return f"{err.strerror or err}: {fixes.get(err.errno, 'pass another --out-dir')}"
+
+
+
+def load_checkpoint(path, device, attention=None):
+    """The checkpoint dict and its rebuilt model, or a one-line error saying what is wrong. A file that
+    cannot be opened (missing, a directory, no permission) is a bad path, not a bad checkpoint.
+    attention replaces the saved choice: the three compute the same function of the same weights."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no checkpoint; train one first with `python gpt.py` (or pass --out-dir)") from None
+    except (IsADirectoryError, NotADirectoryError) as err:
+        raise ValueError(f"{path}: not a checkpoint file ({err.strerror}); pass the --out-dir that holds "
+                         "ckpt.pt") from None
+    except OSError as err:  # no permission, say: the file itself may be fine
+        raise ValueError(f"{path}: cannot open it ({err.strerror})") from None
+    with f:
+        try:
+            ckpt = torch.load(f, map_location=device, weights_only=True)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise ValueError(f"{path}: not enough memory to load it on {device}; try --device cpu") from None
+        except Exception as err:  # torch raises many types for a damaged file; all mean the same to a user
+            raise ValueError(f"{path}: corrupt or truncated checkpoint, or not one gpt.py wrote "
+                             f"({type(err).__name__}); it cannot be read, so train again") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a gpt.py checkpoint of format {CHECKPOINT_FORMAT}; train again with this gpt.py")
+    try:
+        TrainConfig(**ckpt["train_config"])
+        model = GPT(GPTConfig(**{**ckpt["model_config"], **({"attention": attention} if attention else {})}))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, KeyError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise ValueError(f"{path}: checkpoint does not match this gpt.py's model ({first_line}); train again") from None
+    return ckpt, model.to(device)
+
+
+
+def save_run(run, rt):
+    """Rank 0 saves the run to <out-dir>/ckpt.pt."""
+    if rt.master:
+        save_checkpoint(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.model, run.optimizer, run.model.cfg, run.cfg,
+                        run.step, run.best_val_loss, run.data.tokenizer)
+
+
+def restore_run_state(run, ckpt, rt):
+    """What --resume restores besides the model: the optimizer's state, the step, the best validation loss and
+    the random state (of dropout: each step's batches come from their own seed, batch_generator)."""
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.step, run.best_val_loss, run.resumed = ckpt["step"], ckpt["best_val_loss"], True
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    if ckpt["rng"]["cuda"] is not None and rt.device_type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    rt.log(f"resumed from {os.path.join(run.cfg.out_dir, 'ckpt.pt')} at step {run.step}")
+
+
+def load_for_resume(cfg, model_cfg, given, device):
+    """The checkpoint, its model and tokenizer, and its run's settings, except what this command line
+    sets again (say, a larger --max-iters); flags that fix the model must agree with it."""
+    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, model_cfg.attention if "attention" in given else None)
+    saved = TrainConfig(**ckpt["train_config"])
+    check_unchanged(given, (model_cfg, cfg), (model.cfg, saved))
+    cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
+    return ckpt, model, tokenizer_from_state(ckpt["tokenizer"]), cfg
+
+
+
+def load_for_fine_tuning(cfg, model_cfg, given, device):
+    """The --init-from checkpoint's model and tokenizer; model flags given must agree with it."""
+    ckpt, model = load_checkpoint(cfg.init_from, device, model_cfg.attention if "attention" in given else None)
+    check_unchanged(given, (model_cfg, cfg), (model.cfg, TrainConfig(**ckpt["train_config"])),
+                    "when fine-tuning (--init-from)")
+    return model, tokenizer_from_state(ckpt["tokenizer"])
+
+
+
+def check_unchanged(given, flags, saved, when="on --resume"):
+    """Resuming is the same command again plus --resume, so flags may be given again; but those that fix
+    the model or its tokens must keep the checkpoint's values (when fine-tuning too). flags, saved:
+    (model config, run config) from the command line and from the checkpoint."""
+    (model_flags, run_flags), (model_saved, run_saved) = flags, saved
+    fixed = [(f.name, model_flags, model_saved) for f in dataclasses.fields(GPTConfig) if "help" in f.metadata]
+    fixed.append(("tokenizer", run_flags, run_saved))
+    if run_saved.tokenizer == "bpe":  # a character vocabulary comes from the text, whatever --vocab-size says
+        fixed.append(("vocab_size", run_flags, run_saved))
+    for name, new, old in fixed:
+        if name in given and getattr(new, name) != getattr(old, name):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(new, name)} differs from the checkpoint's "
+                             f"{getattr(old, name)}, and cannot change {when}: leave it out, or train anew "
+                             "into another --out-dir")
+
+
+# ---- One run per out-dir, and no checkpoint replaced unasked ----------------------------------------
+
+@contextmanager
+def claim_out_dir(cfg):
+    """Before any work: create --out-dir, lock it for this run, and refuse to replace a checkpoint in
+    it unless --resume or --overwrite says so (a forgotten --sample must not wipe a trained model)."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out-dir {cfg.out_dir}: cannot create it ({err.strerror}); pass a writable directory") from None
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun only rank 0 writes
+        yield
+        return
+    with out_dir_lock(cfg.out_dir):
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
+            step = saved_step(path)
+            what = "not a readable checkpoint" if step is None else f"a checkpoint at step {step}"
+            raise ValueError(f"{path} already exists ({what}): continue it with --resume, or replace it with "
+                             "--overwrite, or pass another --out-dir")
+        yield
+
+
+
+def saved_step(path):
+    """The step a checkpoint was saved at, or None if it is not readable as one."""
+    try:  # mmap: the weights are not read
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        return None
+
+
+
+@contextmanager
+def out_dir_lock(out_dir):
+    """Only one run at a time writes into out_dir. Its lock file, holding the owner's pid and host, is
+    created with O_EXCL, which only one of two runs can do, and removed at the end; a lock whose owner
+    died without removing it (killed by SIGKILL, say) is stale, and taken over."""
+    path = os.path.join(out_dir, "ckpt.pt.lock")
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = read_lock(path)
+            if attempt == 0 and owner and not process_alive(*owner):
+                with suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            who = f" (pid {owner[0]} on {owner[1]})" if owner else ""
+            raise ValueError(f"--out-dir {out_dir}: another run{who} is writing into it; wait for it, or "
+                             f"pass another --out-dir (if no run is, delete {path})") from None
+        except OSError as err:
+            raise ValueError(f"--out-dir {out_dir}: cannot write into it ({err.strerror}); pass a writable "
+                             "directory") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()} {platform.node()}")
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            os.remove(path)
+
+
+
+def read_lock(path):
+    """(pid, host) from a lock file, or None if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            pid, host = f.read().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+
+def process_alive(pid, host):
+    """Whether the lock's owner may still run: certainly dead only if it ran on this machine and no
+    process has its pid now."""
+    if host != platform.node() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        pass
+    return True
+
+
+# ---- log.csv: a row per evaluation and per log line -------------------------------------------------
+
+class CsvLog:
+    """<out-dir>/log.csv: a row per evaluation (train_loss, val_loss, val_bits) and per training log line
+    (train_loss of that step's batch, val empty). A resumed run keeps the rows up to its checkpoint (the
+    later ones are redone) and goes on with the clock where they ended. With no path (ranks other than 0),
+    nothing is written."""
+    COLUMNS = ["step", "tokens", "flops", "seconds", "lr", "train_loss", "val_loss", "val_bits"]
+
+    def __init__(self, path, resume_step=None):
+        self.path, kept = path, []
+        if path and resume_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8", newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
+        self.seconds_offset = float(kept[-1]["seconds"]) if kept else 0.0
+        if path:
+            with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:  # replaced whole, like a checkpoint
+                writer = csv.DictWriter(f, self.COLUMNS, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(kept)
+            os.replace(path + ".tmp", path)
+
+    def row(self, **values):
+        if self.path:
+            with open(self.path, "a", encoding="utf-8", newline="") as f:
+                csv.DictWriter(f, self.COLUMNS, lineterminator="\n").writerow({k: format_cell(v) for k, v in values.items()})
+
+
+def open_csv_log(out_dir, ckpt, master):
+    return CsvLog(os.path.join(out_dir, "log.csv") if master else None, ckpt["step"] if ckpt else None)
+
+
+def format_cell(value):
+    return "" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+# ---- Signals and pipes: Ctrl-C and SIGTERM save first; a closed reader ends the run quietly ----------
+
+def print_line(line):
+    """Print line at once, so `| tee` shows it live. False if the reader has gone (`| head` exited);
+    stdout then goes to /dev/null, where later prints cannot fail."""
+    try:
+        print(line, flush=True)
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+
+
+
+@contextmanager
+def stop_on_signals(stop):
+    """Within: Ctrl-C (SIGINT) and SIGTERM (sent by `kill`, job schedulers, preemptible machines, and by
+    torchrun to its workers) only set stop["requested"], for the loop to act on between steps. A
+    second signal of the same kind acts as it would outside: a KeyboardInterrupt, or the end at once.
+    (Outside the loop SIGTERM keeps its default, which ends even a process blocked in a C call.)"""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) or signal.SIG_DFL for signum in signals}  # None: not set by Python
+
+    def request_stop(signum, frame):
+        stop["requested"] = True
+        signal.signal(signum, previous[signum])
+
+    for signum in signals:
+        signal.signal(signum, request_stop)
+    try:
+        yield
+    finally:
+        for signum in signals:
+            signal.signal(signum, previous[signum])
+
+
+
+def save_and_say_how_to_resume(run, rt):
+    """Save where the run stopped, and say how to go on (on stderr if stdout has gone)."""
+    save_run(run, rt)
+    message = f"saved step {run.step} to {os.path.join(run.cfg.out_dir, 'ckpt.pt')}; continue with --resume"
+    if rt.stop["why"] == "stdout closed":
+        print(f"stdout closed: {message}", file=sys.stderr)
+    else:
+        rt.log(f"interrupted: {message}")
+
+
+# ---- The runtime: device, precision, torchrun's processes, torch.compile ---------------------------
+
+@dataclasses.dataclass
+class Runtime:
+    """This process's place in a run: its device, its rank among torchrun's processes (only rank 0 logs,
+    evaluates and saves), and whether a stop was asked for (by Ctrl-C, SIGTERM or a closed stdout: the
+    loop then saves and stops)."""
+    device: str
+    device_type: str
+    rank: int
+    world_size: int
+    local_rank: int
+    stop: dict = dataclasses.field(default_factory=lambda: {"requested": False, "why": "interrupted"})
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, line):
+        """Only rank 0 logs; if its reader has gone (`| head`), the loop saves and stops."""
+        if self.master and not print_line(line):
+            self.stop.update(requested=True, why="stdout closed")
+
+
+
+def setup_runtime(cfg):
+    device = pick_device(cfg.device)
+    rank, world_size, local_rank = setup_distributed(device)
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    device_type = "cuda" if device.startswith("cuda") else device
+    if device_type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))  # torch uses all cores; share them
+    torch.manual_seed(cfg.seed)
+    return Runtime(device, device_type, rank, world_size, local_rank)
+
+
+
+def native_bf16(device_type):
+    """Whether this device multiplies bfloat16 in hardware: GPUs from Ampere on, and CPUs with AMX or AVX-512
+    BF16. Elsewhere bf16 is emulated, slower than float32."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    cpu_has = lambda name: getattr(torch.cpu, name, lambda: False)()  # private: absent in some torch builds
+    return device_type == "cpu" and (cpu_has("_is_amx_tile_supported") or cpu_has("_is_avx512_bf16_supported"))
+
+
+
+def setup_distributed(device):
+    """(rank, world_size, local_rank); torchrun sets RANK, WORLD_SIZE and LOCAL_RANK."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")  # gloo: CPU tensors
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+
+def batch_generator(seed, step, rank, world_size):
+    """Each rank's batches of one step come from their own seed: ranks draw different batches, and a
+    resumed run draws exactly the batches it would have, with no generator state to save. torch's CPU
+    generator keeps 32 bits of a seed; multiplying by an odd number is one-to-one modulo 2**32, so
+    every (step, rank) gets its own seed."""
+    return torch.Generator().manual_seed((seed + 1_000_003 * (step * world_size + rank)) % 2**32)
+
+
+
+def wrap_model(run, rt):
+    """What the steps run: the model, compiled with --compile, wrapped for data-parallel training under
+    torchrun. (Evaluating, saving and sampling use run.model itself.)"""
+    model = run.model
+    if run.cfg.compile:
+        model = compile_or_fall_back(model, run.data["train"], run.cfg, model.cfg.block_size, rt.device, run.autocast)
+    if rt.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model
+
+
+
+def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
+    """torch.compile fails late (at the first call) when no compiler toolchain works: try one step."""
+    try:
+        compiled = torch.compile(model)
+        x, y = get_batch(train_data, cfg.batch_size, block_size, torch.Generator().manual_seed(0), device)
+        with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):  # the trial step
+            with autocast:  # must not change the run: its dropout draws are undone
+                compiled(x, y)[1].backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as err:
+        print(f"--compile failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]}); training without it")
+        model.zero_grad(set_to_none=True)
+        return model
+
+
+
+def stop_agreed(run, rt):
+    """Whether to stop now. With several ranks every one must agree, or the others would wait forever for
+    its gradients; they ask at log steps only, as asking is a sync."""
+    if rt.world_size == 1:
+        return rt.stop["requested"]
+    if run.step % run.cfg.log_interval:
+        return False
+    flag = torch.tensor([float(rt.stop["requested"])], device=rt.device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+
+def end_data_parallel(rt, step, local_loss, step_loss):
+    """Under torchrun: each rank says where it ended, then the process group is torn down."""
+    if rt.world_size > 1:
+        print_line(f"rank {rt.rank}/{rt.world_size}: finished at step {step}; last logged loss {local_loss:.6f} on "
+                   f"this rank's batches, {step_loss.item():.6f} all-reduced")
+        dist.barrier()  # rank 0 may still be evaluating: tearing down gloo under it aborts the process
+        dist.destroy_process_group()
+
+
+def exit_before_gloo_threads_can_abort():
+    """End a data-parallel process now, skipping Python's shutdown. DDP keeps the process group alive
+    after destroy_process_group(), so its gloo worker threads still run, and one may be just now
+    freeing the last all-reduce's tensors, which takes the interpreter's lock. During shutdown that
+    ends the thread inside a C++ destructor: std::terminate, SIGABRT, and torchrun fails the run (3 of
+    465 two-process runs on a busy 2-core CPU; a core dump shows the thread in ~AsyncWork -> take_gil)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# ---- The command line: flags from the configs, their checks, main() --------------------------------
+# read_text, add_flags, pick_device and run_command_line are the same in bigram.py.
+
+def read_text(path):
+    """The training text, or a one-line ValueError that names the problem and the fix."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; pass a text file with --input") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; pass a text file with --input") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+    if not text:
+        raise ValueError(f"{path}: file is empty; pass a text file with --input")
+    return text
+
+
+
+def add_flags(parser, config):
+    """One --dashed-name flag per dataclass field that has help, typed and defaulted from the field; a value
+    that is not valid (flag's valid=) or not one of its choices is argparse's error, naming the flag."""
+    for field in dataclasses.fields(config):
+        if "help" not in field.metadata:
+            continue  # derived fields get no flag
+        default, meta = getattr(config, field.name), field.metadata
+        flag = "--" + field.name.replace("_", "-")
+        help_text = meta["help"] + " (default: %(default)r)"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=checked(type(default), meta.get("valid")), default=default, help=help_text,
+                                choices=meta.get("choices"))
+
+
+def checked(kind, valid):
+    """argparse's type= of a flag: the text as kind (int, float or str), refused unless valid[1] holds."""
+    def convert(text):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value: 'x'"
+        try:
+            ok = valid is None or valid[1](value)
+        except ValueError:  # a list flag with an item that is no number
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {valid[0]}, got {text}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def pick_device(name):
+    """'auto' means CUDA when there is one, else CPU; MPS only when asked for."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available here; use --device cpu")
+    return name
+
+
+
+def run_command_line(main):
+    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
+    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
+    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        sys.exit(1)
+
+
 
 def parse_args(argv=None):
     """Both configs from the command line. --preset decides the defaults, so it is read first (by a
     parser without -h); then --help lists the defaults that apply."""
     def flag_parser(**kwargs):
         parser = argparse.ArgumentParser(**kwargs)
+        parser.error = lambda message: parser.exit(2, f"error: {message}; see --help\n")  # one line, not the usage
         add_flags(parser, GPTConfig())
         add_flags(parser, TrainConfig())
         return parser
@@ -2400,8 +2479,6 @@ def parse_args(argv=None):
         preset = "gpu" if torch.cuda.is_available() and first.device in ("auto", "cuda") else "cpu"
         why = "--preset auto, " + ("CUDA is here" if preset == "gpu" else "no CUDA GPU here")
     parser = flag_parser(description=f"{__doc__.splitlines()[0]} The defaults shown are the {preset} preset's ({why}).")
-    if preset not in PRESETS:
-        parser.error(f"--preset {preset!r}: choose cpu, gpu, gpt2 or auto")
     parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
     model_cfg = GPTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"})
@@ -2414,58 +2491,30 @@ def parse_args(argv=None):
     return model_cfg, cfg, given
 
 
+
 def config_problem(m, c):
-    """The first bad flag value, as a one-line message, or None."""
-    for name in ("block_size", "n_layer", "n_head", "n_embd"):
-        if getattr(m, name) <= 0:
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(m, name)}"
-    for name in ("max_iters", "eval_iters", "eval_interval", "log_interval", "batch_size", "grad_accum"):
-        if getattr(c, name) <= 0 and not (name == "max_iters" and getattr(c, name) == 0):
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}"
+    """The first bad combination of flags, as a one-line message, or None (argparse checks each flag alone)."""
     if m.n_embd % m.n_head:
         return f"--n-embd {m.n_embd} must be divisible by --n-head {m.n_head}"
     if m.rope and (m.n_embd // m.n_head) % 2:
         return f"--rope needs an even head size, but n_embd/n_head = {m.n_embd // m.n_head}"
-    if m.n_kv_head < 0 or m.n_head % m.kv_heads():
+    if m.n_head % m.kv_heads():
         return f"--n-kv-head {m.n_kv_head} must divide --n-head {m.n_head} (0 means n_head)"
-    if not 0.0 <= m.dropout < 1.0:
-        return f"--dropout must be in [0, 1), got {m.dropout}"
-    if m.attention not in ATTENTIONS:
-        return f"--attention {m.attention!r}: choose sdpa, math or flash"
-    if m.norm not in ("layernorm", "rmsnorm"):
-        return f"--norm {m.norm!r}: choose layernorm or rmsnorm"
-    if m.mlp not in MLP_ACTIVATIONS:
-        return f"--mlp {m.mlp!r}: choose gelu, relu2 or swiglu"
-    if not 0.0 <= m.softcap < math.inf:
-        return f"--softcap must be a finite number >= 0 (0 = off), got {m.softcap}"
-    if c.dtype not in ("float32", "bfloat16", "auto"):
-        return f"--dtype {c.dtype!r}: choose float32, bfloat16 or auto"
-    if c.optimizer not in ("adamw", "muon"):
-        return f"--optimizer {c.optimizer!r}: choose adamw or muon"
-    if not 0 < c.muon_lr < math.inf:
-        return f"--muon-lr must be positive, got {c.muon_lr}"
-    if c.tokenizer not in ("char", "bpe"):
-        return f"--tokenizer {c.tokenizer!r}: choose char or bpe"
-    if c.tokenizer == "bpe" and c.vocab_size < 257:
-        return f"--vocab-size must be at least 257 for byte-level BPE, got {c.vocab_size}"
-    if not 0 < c.learning_rate < math.inf or not 0.0 <= c.min_lr_ratio <= 1.0:  # written so that nan fails
-        return "--learning-rate must be positive and --min-lr-ratio in [0, 1]"
-    if c.warmup_iters < 0 or c.max_new_tokens < 0 or not 0 <= c.grad_clip < math.inf:
-        return "--warmup-iters, --max-new-tokens and --grad-clip must not be negative"
-    sampling = sampling_problem(c.temperature, c.top_k, c.top_p)
-    if sampling:
-        return f"--{sampling[0].replace('_', '-')} {sampling[1]}"
     if c.resume and c.overwrite:
         return "--resume continues the checkpoint, --overwrite replaces it: give one of them"
-    if c.bench_mem_gib <= 0:
-        return f"--bench-mem-gib must be positive, got {c.bench_mem_gib}"
-    if c.ablation not in ("", *ABLATIONS):
-        return f"--ablation {c.ablation!r}: choose options or depth"
-    if not 0 < c.bpe_sample_mb < math.inf or c.bench_data < 0:
-        return "--bpe-sample-mb must be positive and --bench-data not negative"
-    if c.device not in ("auto", "cpu", "cuda", "mps"):
-        return f"--device {c.device!r}: choose auto, cpu, cuda or mps"
     return None
+
+
+# The flags --sample uses; the model, its tokenizer and its training settings come from the checkpoint.
+SAMPLE_FLAGS = {"out_dir", "device", "seed", "sample", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
+                "kv_cache", "attention"}
+
+
+def warn_ignored_flags(given):
+    ignored = sorted(given - SAMPLE_FLAGS)
+    if ignored:
+        print(f"note: --sample takes the model from the checkpoint, so it ignores "
+              f"{', '.join('--' + name.replace('_', '-') for name in ignored)}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -2485,6 +2534,7 @@ def main(argv=None):
         show_embeddings(cfg)
     else:
         train(cfg, model_cfg, given)
+
 
 
 if __name__ == "__main__":
