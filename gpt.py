@@ -57,8 +57,7 @@ import torch.nn.functional as F
 # ---- Config: the single source of every hyperparameter; each field is also a --flag ----------
 
 def flag(default, help, valid=None, choices=None):
-    """A config field and its --flag (add_flags, Part III): help, and what values it takes; a bad one is a
-    one-line error that names the flag."""
+    """A config field and its --flag (add_flags, Part III): its help, and the values it takes."""
     return dataclasses.field(default=default, metadata={"help": help, "valid": valid, "choices": choices})
 
 
@@ -67,6 +66,19 @@ AT_LEAST_1, COUNT = ("at least 1", lambda x: x >= 1), ("0 or more", lambda x: x 
 POSITIVE, NOT_NEGATIVE = ("positive", lambda x: 0 < x < math.inf), ("a finite number >= 0", lambda x: 0 <= x < math.inf)
 BELOW_1 = ("in [0, 1)", lambda x: 0 <= x < 1)
 NUMBERS = ("comma-separated positive numbers", lambda text: all(0 < float(x) < math.inf for x in text.split(",")))
+INTEGERS = ("comma-separated positive integers", lambda text: all(int(x) > 0 for x in text.split(",")))
+ATTENTIONS = ("sdpa", "math", "flash")
+
+
+# The defaults per machine, chosen by measurement (README): a 2-core CPU gets a small model with Muon, RoPE,
+# SwiGLU, an untied head and bf16 matmuls; a GPU the classic 6x6x384 model; gpt2 is GPT-2's recipe as it was.
+PRESETS = {
+    "gpt2": {},  # the dataclasses' defaults
+    "cpu": dict(dtype="auto", optimizer="muon", muon_lr=0.01, mlp="swiglu", untied_head=True, rope=True, block_size=128,
+                batch_size=16, min_lr_ratio=0.0, max_iters=1700),
+    "gpu": dict(dtype="auto", n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
+                learning_rate=1e-3, max_iters=5000, eval_interval=500, eval_iters=50, warmup_iters=100),
+}
 
 
 @dataclasses.dataclass
@@ -79,14 +91,11 @@ class GPTConfig:
     n_embd: int = flag(128, "embedding width", AT_LEAST_1)
     dropout: float = flag(0.0, "dropout probability while training", BELOW_1)
     bias: bool = flag(True, "biases in Linear and LayerNorm layers, as GPT-2")
-    attention: str = flag("sdpa", "sdpa (the fused kernel), math (the formula written out) or flash (FlashAttention-2)",
-                          choices=("sdpa", "math", "flash"))
+    attention: str = flag("sdpa", "sdpa (fused), math (the formula) or flash (FlashAttention-2)", choices=ATTENTIONS)
     rope: bool = flag(False, "rotary position embeddings, no position table")
-    norm: str = flag("layernorm", "layernorm (GPT-2) or rmsnorm (scale only: no mean, no bias)",
-                     choices=("layernorm", "rmsnorm"))
+    norm: str = flag("layernorm", "layernorm (GPT-2) or rmsnorm (no mean, no bias)", choices=("layernorm", "rmsnorm"))
     post_ln: bool = flag(False, "normalise after each residual add, as the 2017 transformer (default: before, pre-LN)")
-    mlp: str = flag("gelu", "gelu (GPT-2), relu2 (ReLU squared) or swiglu (gated, same parameter count)",
-                    choices=("gelu", "relu2", "swiglu"))
+    mlp: str = flag("gelu", "gelu (GPT-2), relu2 (ReLU squared) or swiglu (gated)", choices=("gelu", "relu2", "swiglu"))
     qk_norm: bool = flag(False, "RMS-normalise queries and keys per head before their dot product")
     untied_head: bool = flag(False, "an output layer of its own instead of the token embedding table")
     zero_init: bool = flag(False, "output projections start at zero: each block starts as the identity")
@@ -103,12 +112,11 @@ class TrainConfig:
     """The run: data, training, sampling, where files go; and the lab's studies (Part II)."""
     input: str = flag("input.txt", "training text (UTF-8): a file, a directory (its *.txt, *.jsonl) or a quoted glob")
     out_dir: str = flag("out", "where ckpt.pt, log.csv and loss.png (and token files) are written and read")
-    preset: str = flag("auto", "default settings: cpu, gpu, gpt2 (GPT-2 as it was), or auto (gpu on CUDA)",
-                       choices=("auto", "cpu", "gpu", "gpt2"))
+    preset: str = flag("auto", "defaults: cpu, gpu, gpt2 (GPT-2's recipe), auto (gpu on CUDA)", choices=("auto", *PRESETS))
     device: str = flag("auto", "auto, cpu, cuda or mps", choices=("auto", "cpu", "cuda", "mps"))
     seed: int = flag(1337, "random seed", ("in [0, 2**63)", lambda x: 0 <= x < 2**63))
     tokenizer: str = flag("char", "char, or bpe (tokenizer_bpe.py)", choices=("char", "bpe"))
-    vocab_size: int = flag(512, "BPE vocabulary size, with --tokenizer bpe", ("at least 257 (the bytes and one)", lambda x: x >= 257))
+    vocab_size: int = flag(512, "BPE vocabulary size, with --tokenizer bpe", ("at least 257", lambda x: x >= 257))
     bpe_sample_mb: float = flag(10.0, "BPE learns its merges from the first this many MB of training text", POSITIVE)
     max_iters: int = flag(2000, "optimizer steps", COUNT)
     eval_interval: int = flag(500, "steps between evaluations and checkpoints", AT_LEAST_1)
@@ -122,11 +130,9 @@ class TrainConfig:
     weight_decay: float = flag(0.1, "AdamW weight decay on 2-D weights", NOT_NEGATIVE)
     beta2: float = flag(0.99, "AdamW beta2", BELOW_1)
     grad_clip: float = flag(1.0, "clip the gradient norm to this; 0 = off", NOT_NEGATIVE)
-    optimizer: str = flag("adamw", "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)",
-                          choices=("adamw", "muon"))
+    optimizer: str = flag("adamw", "adamw, or muon (for the blocks' matrices; AdamW the rest)", choices=("adamw", "muon"))
     muon_lr: float = flag(0.02, "Muon's peak learning rate, scheduled as --learning-rate is", POSITIVE)
-    dtype: str = flag("float32", "float32, bfloat16 (matmuls in bf16, weights and optimizer in float32) or auto "
-                                 "(bfloat16 where the hardware multiplies it natively)", choices=("float32", "bfloat16", "auto"))
+    dtype: str = flag("float32", "bfloat16: matmuls in bf16; auto: where native", choices=("float32", "bfloat16", "auto"))
     compile: bool = flag(False, "torch.compile the model (eager if it fails)")
     resume: bool = flag(False, "continue training from <out-dir>/ckpt.pt")
     overwrite: bool = flag(False, "replace a checkpoint in <out-dir>, else an error")
@@ -142,27 +148,14 @@ class TrainConfig:
     # Part II: each of these replaces training with a study or a benchmark
     sweep: bool = flag(False, "scaling-law sweep: train every width at every budget")
     sweep_budgets: str = flag("3e11,1e12,3e12", "training FLOPs of each sweep budget", NUMBERS)
-    sweep_widths: str = flag("16,24,32,48,64", "n_embd of each sweep model", ("comma-separated positive integers",
-                                                                             lambda t: all(int(x) > 0 for x in t.split(","))))
-    ablation: str = flag("", "options or depth: train each row of the ablation for every --ablation-seeds",
-                         choices=("", "options", "depth"))
+    sweep_widths: str = flag("16,24,32,48,64", "n_embd of each sweep model", INTEGERS)
+    ablation: str = flag("", "options or depth: every row, every --ablation-seeds", choices=("", "options", "depth"))
     ablation_seeds: str = flag("1,2,3", "seeds of each ablation row", ("comma-separated integers >= 0",
-                                                                       lambda t: all(int(x) >= 0 for x in t.split(","))))
+                                                                       lambda text: all(int(x) >= 0 for x in text.split(","))))
     embeddings: bool = flag(False, "show what <out-dir>/ckpt.pt's token embeddings learned")
-    bench_attention: bool = flag(False, "only time sdpa, math and flash attention for T = 256 ... 16384, and their memory")
+    bench_attention: bool = flag(False, "only time sdpa, math and flash for T = 256 ... 16384, and their memory")
     bench_mem_gib: float = flag(6.0, "memory cap of each --bench-attention case (GiB)", POSITIVE)
     bench_data: int = flag(0, "only benchmark the data path on corpora of 10 MB up to this many MB", COUNT)
-
-
-# The defaults per machine, chosen by measurement (README): a 2-core CPU gets a small model with Muon, RoPE,
-# SwiGLU, an untied head and bf16 matmuls; a GPU the classic 6x6x384 model; gpt2 is GPT-2's recipe as it was.
-PRESETS = {
-    "gpt2": {},  # the dataclasses' defaults
-    "cpu": dict(dtype="auto", optimizer="muon", muon_lr=0.01, mlp="swiglu", untied_head=True, rope=True, block_size=128,
-                batch_size=16, min_lr_ratio=0.0, max_iters=1700),
-    "gpu": dict(dtype="auto", n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
-                learning_rate=1e-3, max_iters=5000, eval_interval=500, eval_iters=50, warmup_iters=100),
-}
 
 
 # ---- Data: text -> token ids -> random (x, y) windows, y being x shifted by one ---------------
@@ -272,12 +265,6 @@ def attention_sdpa(q, k, v, dropout_p=0.0):
                                           dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1))
 
 
-def in_float32(attend, q, k, v, dropout_p):
-    """attend(q, k, v) in float32, autocast or not; the result in q's dtype."""
-    with torch.autocast(q.device.type, enabled=False):
-        return attend(q.float(), k.float(), v.float(), dropout_p).to(q.dtype)
-
-
 def pick_attention(name):
     """attention_flash, FlashAttention-2 from scratch, is a lesson of its own in Part II."""
     return {"sdpa": attention_sdpa, "math": attention_math, "flash": attention_flash}[name]
@@ -338,11 +325,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-                                     self.n_kv_head * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        heads = (self.n_head, self.n_kv_head, self.n_kv_head)
+        q, k, v = (t.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, nh, T, hd) and (B, n_kv, T, hd) twice
+                   for t, n in zip(self.qkv(x).split([n * self.head_dim for n in heads], dim=-1), heads))
         if self.q_norm is not None:  # in float32 (RMSNorm's weight is float32; under autocast q and k arrive in bf16)
             q, k = self.q_norm(q.float()).type_as(q), self.k_norm(k.float()).type_as(k)
         if rope is not None:
@@ -466,11 +451,10 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0  # positions continue after the cached tokens
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.cfg.block_size}")
-        x = self.wte(idx)  # (B, T, C)
-        rope = None
-        if self.cfg.rope:
+        x, rope = self.wte(idx), None  # (B, T, C)
+        if self.cfg.rope:  # positions rotate q and k in each block
             rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd/2) each
-        else:
+        else:  # positions have vectors of their own, added to the tokens'
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C) + (T, C)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
@@ -487,12 +471,10 @@ class GPT(nn.Module):
 
     @torch.inference_mode()  # like no_grad, minus autograd's version bookkeeping: faster per token
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None):
-        """Append max_new_tokens sampled tokens to idx (B, T). With the cache, the prompt is processed
-        once and then one token per step; without it, the whole context is recomputed every step.
-        Both see the same context: once it would exceed block_size, it slides to the newest half
-        block, which the cache then re-processes (positions restart at 0). Half a block balances the
-        two costs: every token still sees at least block/2 of context, and the re-processing happens
-        once per block/2 new tokens instead of at every token."""
+        """Append max_new_tokens sampled tokens to idx (B, T). With the cache, the prompt is processed once, then
+        one token per step; without, the whole context every step. Past block_size the context slides to the
+        newest half block, which the cache re-processes: every token sees at least block/2 of context, and the
+        re-processing comes once per block/2 tokens, not at every token."""
         if idx.size(1) == 0:
             raise ValueError("the prompt holds no tokens: give at least one (gpt.py starts an empty --prompt "
                              "from start_ids)")
@@ -579,7 +561,10 @@ def print_sample(model, tokenizer, cfg, device):
 
 def sample(cfg, given=frozenset(), attention=None):
     """python gpt.py --sample: a sample from <out-dir>/ckpt.pt; attention, if given, replaces the checkpoint's choice."""
-    warn_ignored_flags(given)  # the model, its tokenizer and its training settings come from the checkpoint
+    ignored = sorted(given - SAMPLE_FLAGS)  # the model, its tokenizer and its settings come from the checkpoint
+    if ignored:
+        print(f"note: --sample takes the model from the checkpoint, so it ignores --{', --'.join(ignored)}".replace(
+            "_", "-"), file=sys.stderr)
     device = pick_device(cfg.device)
     ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, attention)
     print_sample(model, tokenizer_from_state(ckpt["tokenizer"]), cfg, device)
@@ -616,32 +601,6 @@ def orthogonalise(G, steps=5):
     return X.T if G.size(0) > G.size(1) else X
 
 
-class Optimizers:
-    """Several optimizers that the training loop and the checkpoint see as one."""
-
-    def __init__(self, *parts):
-        self.parts = parts
-
-    @property
-    def param_groups(self):  # a property: load_state_dict replaces each part's list of groups
-        return [group for part in self.parts for group in part.param_groups]
-
-    def step(self):
-        for part in self.parts:
-            part.step()
-
-    def zero_grad(self, set_to_none=True):
-        for part in self.parts:
-            part.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"parts": [part.state_dict() for part in self.parts]}
-
-    def load_state_dict(self, state):
-        for part, part_state in zip(self.parts, state["parts"], strict=True):
-            part.load_state_dict(part_state)
-
-
 def make_optimizer(model, cfg, device_type):
     """AdamW with weight decay on matrices only: biases, LayerNorm gains don't need shrinking.
     With --optimizer muon, Muon takes the blocks' 2-D matrices; the embeddings and the output layer stay
@@ -662,9 +621,8 @@ def make_optimizer(model, cfg, device_type):
 
 
 def make_autocast(device_type, dtype):
-    """Mixed precision: inside the context, matmuls take bfloat16 inputs (8 bits of mantissa, float32's range,
-    so no loss scaling, unlike float16) and accumulate in float32; weights, gradients and the optimizer stay
-    float32. 'auto' is bf16 where the hardware multiplies it natively (native_bf16, Part III), else float32."""
+    """Mixed precision: matmuls take bfloat16 inputs (float32's range, so no loss scaling) and add up in float32;
+    weights, gradients and the optimizer stay float32. 'auto': bf16 where the hardware has it (native_bf16)."""
     if dtype == "auto":
         dtype = "bfloat16" if native_bf16(device_type) else "float32"
     return torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
@@ -687,22 +645,6 @@ def estimate_loss(model, splits, cfg, block_size, device, autocast):
     return losses
 
 
-def matmul_params(cfg):
-    """N as scaling laws count it: the weights a token is multiplied by in the forward pass, i.e. every
-    Linear weight of the blocks plus the output layer. Lookups (wte, wpe), biases and norms cost ~0 FLOPs."""
-    d, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
-    attention = d * (cfg.n_head + 2 * cfg.kv_heads()) * hd + d * d  # qkv and the output projection
-    mlp = 3 * d * (8 * d // 3) if cfg.mlp == "swiglu" else 2 * d * 4 * d  # fc and proj
-    return cfg.n_layer * (attention + mlp) + d * cfg.vocab_size  # + lm_head
-
-
-def flops_per_token(cfg):
-    """Training FLOPs per token, C = 6·N·D plus attention: a forward pass costs 2 FLOPs (multiply, add)
-    per weight, and per layer 2·T·d for q·kᵀ and 2·T·d for p·v over a full context T (as Chinchilla
-    counts; a causal kernel could skip half); backward costs twice the forward, hence 6 and 12."""
-    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
-
-
 # ---- The training loop: its steps first, in the order they run, then train() ---------------------
 
 @dataclasses.dataclass
@@ -713,16 +655,13 @@ class Run:
     data: Data
     optimizer: object
     autocast: object  # the run's precision (make_autocast)
-    csv_log: object  # <out-dir>/log.csv (CsvLog, Part III)
     tokens_per_step: int
     step: int = 0
     best_val_loss: float = math.inf
     resumed: bool = False
-
-    def progress(self, clock):
-        """Where the run stands, for log.csv."""
-        tokens = self.step * self.tokens_per_step
-        return dict(step=self.step, tokens=tokens, flops=tokens * flops_per_token(self.model.cfg), seconds=clock.seconds())
+    local_loss: float = math.nan  # this rank's loss at the last log line, before the all-reduce (torchrun)
+    started: float = 0.0  # the clock of log.csv's seconds: time.perf_counter() at step 0, across resumes
+    last_log: tuple = (0.0, 0)  # time and step of the last log line or evaluation: ms/step counts the steps since
 
 
 def prepare_run(cfg, model_cfg, given, rt):
@@ -737,21 +676,17 @@ def prepare_run(cfg, model_cfg, given, rt):
     data = load_data(cfg, tokenizer, rt.log)  # 2) the text as token ids
     if model is None:
         model = GPT(dataclasses.replace(model_cfg, vocab_size=len(data.tokenizer.vocab))).to(rt.device)
-    check_fits(model.cfg.block_size, data, cfg)
-    docs = f"{data.documents:,} documents, " if data.documents > 1 else ""
-    rt.log(f"{docs}{data.characters:,} characters, {len(data.train):,} train and {len(data.val):,} val tokens, "
-           f"vocab {model.cfg.vocab_size}")
+    describe(data, model, cfg, rt)
     m = model.cfg
-    rt.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({m.n_layer} layers, {m.n_head} heads, "
-           f"{m.n_embd} wide, block {m.block_size}) on {rt.device}")
     run = Run(cfg, model, data, make_optimizer(model, cfg, rt.device_type), make_autocast(rt.device_type, cfg.dtype),
-              open_csv_log(cfg.out_dir, ckpt, rt.master), cfg.batch_size * m.block_size * cfg.grad_accum * rt.world_size)
+              cfg.batch_size * m.block_size * cfg.grad_accum * rt.world_size)
     if ckpt is not None:  # 3) the optimizer's state and the random state too: the run goes on exactly
         restore_run_state(run, ckpt, rt)
+    run.started = -start_log_csv(cfg.out_dir, ckpt) if rt.master else 0.0  # minus the seconds before (Part III)
     return run
 
 
-def evaluate_and_save(run, rt, clock):
+def evaluate_and_save(run, rt):
     """Rank 0 evaluates both splits, logs (bits per character or byte beside nats per token), and saves."""
     if rt.master:
         splits = {"train": run.data.train, "val": run.data.val}
@@ -760,10 +695,9 @@ def evaluate_and_save(run, rt, clock):
         bits = losses["val"] * len(run.data.val) / run.data.val_units / math.log(2)  # nats/token -> bits/unit
         rt.log(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                f"(val {bits:.3f} bits/{run.data.unit})")
-        run.csv_log.row(**run.progress(clock), lr=learning_rate(run.step, run.cfg), train_loss=losses["train"],
-                        val_loss=losses["val"], val_bits=bits)
+        log_row(run, learning_rate(run.step, run.cfg), losses["train"], losses["val"], bits)
         save_run(run, rt)
-    clock.restart()  # evaluation time is not training time
+    run.last_log = time.perf_counter(), run.step  # evaluation time is not training time
 
 
 def training_step(model, run, rt):
@@ -790,39 +724,25 @@ def training_step(model, run, rt):
     return lr, step_loss
 
 
-class Clock:
-    """Seconds since the run began, going on across resumes (log.csv), and since the last log line:
-    training time only, as an evaluation restarts it."""
-
-    def __init__(self, seconds_before):
-        self.start = time.perf_counter() - seconds_before
-        self.restart()
-
-    def restart(self):
-        self.last, self.steps = time.perf_counter(), 0
-
-    def seconds(self):
-        return round(time.perf_counter() - self.start, 3)
-
-
-def log_progress(run, rt, clock, lr, step_loss):
-    """The log line of a step (its loss averaged over the ranks, in place); returns this rank's own loss."""
-    local_loss = step_loss.item()  # this rank's batches only
+def log_progress(run, rt, lr, step_loss):
+    """The log line of a step: its loss (averaged over the ranks, in place), the learning rate, the speed."""
+    run.local_loss = step_loss.item()  # this rank's batches only
     if rt.world_size > 1:
         dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-    elapsed = time.perf_counter() - clock.last
-    rt.log(f"step {run.step}: loss {step_loss.item():.4f}, lr {lr:.2e}, {1000 * elapsed / clock.steps:.1f} ms/step, "
-           f"{run.tokens_per_step * clock.steps / elapsed:,.0f} tokens/s")
-    run.csv_log.row(**run.progress(clock), lr=lr, train_loss=step_loss.item())
-    clock.restart()
-    return local_loss
+    seconds, steps = time.perf_counter() - run.last_log[0], run.step - run.last_log[1]
+    rt.log(f"step {run.step}: loss {step_loss.item():.4f}, lr {lr:.2e}, {1000 * seconds / steps:.1f} ms/step, "
+           f"{run.tokens_per_step * steps / seconds:,.0f} tokens/s")
+    if rt.master:
+        log_row(run, lr, step_loss.item())
+    run.last_log = time.perf_counter(), run.step
 
 
-def finish(run, rt, stopped):
+def finish(run, rt, stopped, step_loss):
     """Rank 0 draws loss.png (Part II) and, unless the run was stopped, prints a sample."""
+    end_data_parallel(rt, run, step_loss)
     if rt.master and run.cfg.plot:
         m, n_params = run.model.cfg, sum(p.numel() for p in run.model.parameters())
-        plot_losses(run.csv_log.path, os.path.join(run.cfg.out_dir, "loss.png"),
+        plot_losses(os.path.join(run.cfg.out_dir, "log.csv"), os.path.join(run.cfg.out_dir, "loss.png"),
                     f"{n_params / 1e6:.2f} M parameters ({m.n_layer} layers, {m.n_embd} wide) on "
                     f"{os.path.basename(os.path.normpath(run.cfg.input))}")
     if rt.master and not stopped and run.cfg.max_new_tokens > 0:
@@ -837,25 +757,24 @@ def train(cfg, model_cfg, given=frozenset()):
         rt = setup_runtime(cfg)  # the device; under torchrun, this process's rank (Part III)
         run = prepare_run(cfg, model_cfg, given, rt)
         model = wrap_model(run, rt)  # what the steps run: compiled (--compile), data-parallel (torchrun), or as is
-        clock, first_step, stopped = Clock(run.csv_log.seconds_offset), run.step, False
-        local_loss, step_loss = math.nan, torch.full((), math.nan)
+        first_step, stopped, step_loss = run.step, False, torch.full((), math.nan)
+        run.started, run.last_log = run.started + time.perf_counter(), (time.perf_counter(), run.step)
         with stop_on_signals(rt.stop):  # a signal only asks the loop to stop between steps (Part III)
             while True:
                 if (run.step % run.cfg.eval_interval == 0 or run.step == run.cfg.max_iters) and not (
                         run.resumed and run.step == first_step):  # a resumed run was evaluated at its step
-                    evaluate_and_save(run, rt, clock)
+                    evaluate_and_save(run, rt)
                 if run.step >= run.cfg.max_iters:
                     break
-                if stop_agreed(run, rt):
-                    stopped = save_and_say_how_to_resume(run, rt)
+                stopped = stop_agreed(run, rt)  # Ctrl-C, SIGTERM or a closed stdout
+                if stopped:
+                    save_and_say_how_to_resume(run, rt)
                     break
                 lr, step_loss = training_step(model, run, rt)
                 run.step += 1
-                clock.steps += 1
                 if run.step % run.cfg.log_interval == 0 or run.step == run.cfg.max_iters:
-                    local_loss = log_progress(run, rt, clock, lr, step_loss)
-        end_data_parallel(rt, run.step, local_loss, step_loss)
-        finish(run, rt, stopped)
+                    log_progress(run, rt, lr, step_loss)
+        finish(run, rt, stopped, step_loss)
     if rt.world_size > 1:
         exit_before_gloo_threads_can_abort()  # after the out-dir's lock is released
     return run.model
@@ -878,7 +797,6 @@ def train(cfg, model_cfg, given=frozenset()):
 # exp(S - m_old): multiplying them by exp(m_old - m_new) puts them on the new maximum's scale.
 
 FLASH_BLOCK_Q, FLASH_BLOCK_K = 256, 256  # positions per tile: the fastest of 12 pairs from 64 to 1024 at T = 4096 on CPU
-
 
 
 def attention_flash(q, k, v, dropout_p=0.0, block_q=FLASH_BLOCK_Q, block_k=FLASH_BLOCK_K):
@@ -994,7 +912,6 @@ class FlashAttention(torch.autograd.Function):
 BENCH_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-
 def bench_attention(device, mem_gib, lengths=BENCH_LENGTHS, impls=("sdpa", "math", "flash")):
     """Forward+backward time and peak memory of each attention at batch 1, 4 heads, head size 64,
     causal, float32. Each case runs in a fresh process, so one case's memory cannot hide in another's
@@ -1019,7 +936,6 @@ def bench_attention(device, mem_gib, lengths=BENCH_LENGTHS, impls=("sdpa", "math
     return results
 
 
-
 def bench_in_child(impl, T, device, mem_gib):
     """Run bench_case in a fresh Python; its last line of output is a JSON dict."""
     code = "import sys; sys.path.insert(0, sys.argv[1]); import gpt; gpt.bench_case(*sys.argv[2:])"
@@ -1034,7 +950,6 @@ def bench_in_child(impl, T, device, mem_gib):
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"crashed with exit code {done.returncode}: {last[:120]}"}
     return json.loads(lines[-1])
-
 
 
 def bench_case(impl, T, device, mem_gib):
@@ -1071,7 +986,6 @@ def bench_case(impl, T, device, mem_gib):
     print(json.dumps({"ms": 1000 * min(times), "peak": peak - baseline}))
 
 
-
 def peak_rss():
     """The most memory this process has had resident, in bytes: Linux's VmHWM (ru_maxrss would also
     count the parent's size, which a child inherits at exec), else ru_maxrss (resource is Unix-only)."""
@@ -1080,7 +994,6 @@ def peak_rss():
             return 1024 * int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
 
 
 def start_counting_memory(gib):
@@ -1118,7 +1031,6 @@ def new_figure():
     return plt, *plt.subplots(figsize=(7, 4.5))
 
 
-
 def plot_losses(csv_path, png_path, title):
     """loss.png: the logged training loss, and train/val loss at each evaluation, against tokens seen."""
     rows = read_csv(csv_path)
@@ -1143,12 +1055,27 @@ def plot_losses(csv_path, png_path, title):
 # loss is a valley in log N whose bottom N* is the best size for that budget. How N* and D* grow with C
 # are the scaling exponents a and b.
 
+def matmul_params(cfg):
+    """N as scaling laws count it: the weights a token is multiplied by in the forward pass, i.e. every
+    Linear weight of the blocks plus the output layer. Lookups (wte, wpe), biases and norms cost ~0 FLOPs."""
+    d, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
+    attention = d * (cfg.n_head + 2 * cfg.kv_heads()) * hd + d * d  # qkv and the output projection
+    mlp = 3 * d * (8 * d // 3) if cfg.mlp == "swiglu" else 2 * d * 4 * d  # fc and proj
+    return cfg.n_layer * (attention + mlp) + d * cfg.vocab_size  # + lm_head
+
+
+def flops_per_token(cfg):
+    """Training FLOPs per token, C = 6·N·D plus attention: a forward pass costs 2 FLOPs (multiply, add)
+    per weight, and per layer 2·T·d for q·kᵀ and 2·T·d for p·v over a full context T (as Chinchilla
+    counts; a causal kernel could skip half); backward costs twice the forward, hence 6 and 12."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+
 def fit_line(x, y):
     """Least-squares slope and intercept of y = slope·x + intercept."""
     x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
     slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
     return slope.item(), (y.mean() - slope * x.mean()).item()
-
 
 
 def parabola_minimum(log_n, loss):
@@ -1164,7 +1091,6 @@ def parabola_minimum(log_n, loss):
             return u_star, a * u_star ** 2 + b * u_star + c
     best = min(range(len(loss)), key=loss.__getitem__)
     return log_n[best], loss[best]
-
 
 
 def fit_scaling_law(runs):
@@ -1187,7 +1113,6 @@ def fit_scaling_law(runs):
     return optima, a, b, alpha
 
 
-
 def quiet_run(cfg, m, steps, run_dir):
     """One run of an experiment, its log unprinted: (its last evaluation's log.csv row, seconds taken)."""
     run_cfg = dataclasses.replace(cfg, out_dir=run_dir, sweep=False, ablation="", plot=False, max_new_tokens=0,
@@ -1202,7 +1127,6 @@ def quiet_run(cfg, m, steps, run_dir):
     return last_eval, round(time.perf_counter() - t0, 1)
 
 
-
 def sweep_run(cfg, m, budget, run_dir):
     """One point of the sweep: model m trained for `budget` FLOPs; returns its sweep.csv row."""
     steps = max(1, round(budget / (cfg.batch_size * m.block_size * cfg.grad_accum * flops_per_token(m))))
@@ -1212,12 +1136,10 @@ def sweep_run(cfg, m, budget, run_dir):
                 steps=steps, tokens=last_eval["tokens"], val_loss=last_eval["val_loss"], seconds=seconds)
 
 
-
 def experiment_vocab_size(cfg):
     """The vocabulary size each run of an experiment will get from its tokenizer."""
     files = input_files(cfg.input)
     return len(build_tokenizer(files, validation_cut(files), cfg, log=lambda line: None).vocab)
-
 
 
 def scaling_sweep(cfg, model_cfg):
@@ -1259,7 +1181,6 @@ def scaling_sweep(cfg, model_cfg):
     return optima, a, b, alpha
 
 
-
 def plot_sweep(runs, optima, png_path):
     """sweep.png: loss against N, one valley per budget, its bottom N* marked."""
     plt, fig, ax = new_figure()
@@ -1288,7 +1209,6 @@ def cosine_neighbours(emb, ids, k=5):
     return [list(zip(i.tolist(), s.tolist())) for i, s in zip(best.indices, best.values)]
 
 
-
 def group_similarity(emb, groups):
     """Mean cosine similarity within each group of ids and between it and the other groups' ids."""
     unit = F.normalize(emb.float(), dim=1)
@@ -1302,7 +1222,6 @@ def group_similarity(emb, groups):
     return result
 
 
-
 def char_groups(chars):
     """The groups a char model's embeddings are tested for: letters by case and by vowel, digits, punctuation."""
     have = lambda s: [chars.index(c) for c in s if c in chars]  # noqa: E731
@@ -1310,7 +1229,6 @@ def char_groups(chars):
               "uppercase": have("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), "digits": have("0123456789"),
               "punctuation": have("!\"&'(),-.:;?[]")}
     return {name: ids for name, ids in groups.items() if len(ids) >= 2}
-
 
 
 def case_twin_similarity(emb, chars):
@@ -1321,7 +1239,6 @@ def case_twin_similarity(emb, chars):
     twin = sum((unit[lo] @ unit[up]).item() for lo, up in pairs) / len(pairs)
     other = sum((unit[lo] @ unit[u]).item() for lo, up in pairs for u in upper if u != up) / (len(pairs) * (len(pairs) - 1))
     return twin, other
-
 
 
 def show_embeddings(cfg):
@@ -1348,14 +1265,12 @@ def show_embeddings(cfg):
     plot_embeddings(emb, [tokenizer.decode([i]) for i in range(emb.size(0))], os.path.join(cfg.out_dir, "embeddings.png"))
 
 
-
 def frequent_words(tokenizer, text, n):
     """The n most frequent BPE tokens of the text that are whole words (a space and 3+ letters)."""
     counts = torch.bincount(torch.tensor(tokenizer.encode(text[: int(0.9 * len(text))], allowed_special="all")), minlength=len(tokenizer.vocab))
     words = [i for i in counts.argsort(descending=True).tolist()
              if len(tokenizer.decode([i])) >= 4 and tokenizer.decode([i])[0] == " " and tokenizer.decode([i])[1:].isalpha()]
     return words[:n]
-
 
 
 def plot_embeddings(emb, labels, png_path, max_labels=120):
@@ -1386,13 +1301,11 @@ ABLATIONS = {
 }
 
 
-
 def with_settings(cfg, m, settings):
     """(run config, model config) with settings applied to whichever of the two has each field."""
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
     return (dataclasses.replace(cfg, **{k: v for k, v in settings.items() if k not in model_fields}),
             dataclasses.replace(m, **{k: v for k, v in settings.items() if k in model_fields}))
-
 
 
 def step_times(variants, rounds=9, steps=5):
@@ -1425,7 +1338,6 @@ def step_times(variants, rounds=9, steps=5):
     return [min(times) for _, times in timed]
 
 
-
 def kept_step_times(rows, variants, path):
     """step_times of the rows, measured once and kept in path (JSON): a continued ablation reuses them, so
     its 'same time' runs keep their lengths. Rows new since then are timed beside the first row and
@@ -1444,7 +1356,6 @@ def kept_step_times(rows, variants, path):
             json.dump(kept, f, indent=1)
         os.replace(path + ".tmp", path)
     return [kept[key] for key in keys]
-
 
 
 def ablation(cfg, model_cfg):
@@ -1489,7 +1400,6 @@ def ablation(cfg, model_cfg):
         print(f"{name:22} {timing:>13} {mean_spread(losses[cfg.max_iters]):>22} {after_same_time}".rstrip(), flush=True)
 
 
-
 def mean_spread(values):
     """'mean ± standard deviation' of the seeds' results."""
     t = torch.tensor(values, dtype=torch.float64)
@@ -1528,7 +1438,6 @@ def bench_data(cfg, keep):
     return cases
 
 
-
 def make_corpus(path, mb, seed=0):
     """mb files of about 1 MB, each of speeches of input.txt drawn at random: real words in new orders,
     so BPE meets text like a corpus's, not one file repeated. Written once, under a temporary name."""
@@ -1542,7 +1451,6 @@ def make_corpus(path, mb, seed=0):
                 f.write("\n\n".join(rng.choices(speeches, k=per_file)) + "\n")
         os.replace(tmp, path)
     return path
-
 
 
 def bench_data_case(corpus, tokenizer, out_dir):
@@ -1563,7 +1471,6 @@ def bench_data_case(corpus, tokenizer, out_dir):
                 bpe_train=float(bpe_train.group(1)) if bpe_train else 0.0, peak=result["peak"])
 
 
-
 # ==============================================================================================
 # Part III — machinery
 # ==============================================================================================
@@ -1578,7 +1485,6 @@ def bench_data_case(corpus, tokenizer, out_dir):
 PIECE_CHARS = 1 << 20  # characters read from a file at a time
 
 BATCH_CHARS = 1 << 24  # characters encoded at a time: enough pieces for every core, ~0.3 GB of ids at most
-
 
 
 def load_token_files(cfg, tokenizer, log):
@@ -1616,7 +1522,6 @@ def input_files(spec):
     return sorted(files)
 
 
-
 def file_pieces(path):
     """A text file in pieces of about PIECE_CHARS characters. Each piece but the last ends with a line
     break that a non-space character follows: the GPT-4 split pattern never joins text across such a
@@ -1640,7 +1545,6 @@ def file_pieces(path):
         raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
 
 
-
 def jsonl_texts(path):
     """The documents of a JSON Lines file, one {"text": ...} per line; blank lines and empty texts skipped."""
     try:
@@ -1662,7 +1566,6 @@ def jsonl_texts(path):
         raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
 
 
-
 def documents(files):
     """Every document of the input, each as an iterable of text pieces."""
     for path in files:
@@ -1672,14 +1575,12 @@ def documents(files):
             yield file_pieces(path)
 
 
-
 def validation_cut(files):
     """A single text file validates on its last 10 % (the character where it starts, counted in one pass);
     several documents on every tenth document (None)."""
     if len(files) == 1 and not files[0].endswith(".jsonl"):
         return int(0.9 * sum(map(len, file_pieces(files[0]))))
     return None
-
 
 
 def split_pieces(files, cut):
@@ -1701,32 +1602,26 @@ def split_pieces(files, cut):
             yield "val" if i % 10 == 9 else "train", piece, j == 0
 
 
-
-class Progress:
-    """'tokenizing: 120.0 MB done, 35.2 MB/s' every few seconds, for a pass long enough to wonder about."""
-
-    def __init__(self, what, log, every=5.0):
-        self.what, self.log, self.every, self.done = what, log, every, 0
-        self.start = self.shown = time.perf_counter()
-
-    def add(self, n_bytes):
-        self.done += n_bytes
-        now = time.perf_counter()
-        if now - self.shown >= self.every:
-            self.log(f"{self.what}: {self.done / 1e6:,.1f} MB done, {self.done / 1e6 / (now - self.start):.1f} MB/s")
-            self.shown = now
-
+def with_progress(items, what, log, every=5.0):
+    """The (split, piece, starts) items of a pass over the input, passed on; for a pass long enough to wonder
+    about, '{what}: 120.0 M characters done, 35.2 M/s' every few seconds."""
+    start = shown = time.perf_counter()
+    done = 0
+    for item in items:
+        yield item
+        done += len(item[1])
+        if time.perf_counter() - shown >= every:
+            shown = time.perf_counter()
+            log(f"{what}: {done / 1e6:,.1f} M characters done, {done / 1e6 / (shown - start):.1f} M/s")
 
 
 def build_tokenizer(files, cut, cfg, log=print):
     """make_tokenizer for a corpus, in one pass over it: every character of the input (and the newline of the
     separator), or the first bpe_sample_mb of its training text."""
     chars, sample, size, limit = set() if cut is not None else {"\n"}, [], 0, int(cfg.bpe_sample_mb * 1e6)
-    progress = Progress("finding the characters", log) if cfg.tokenizer == "char" else None
-    for split, piece, starts in split_pieces(files, cut):
-        if progress:
+    for split, piece, starts in with_progress(split_pieces(files, cut), "finding the characters", log):
+        if cfg.tokenizer == "char":
             chars.update(piece)
-            progress.add(len(piece))
         elif size >= limit:
             break
         elif split == "train":
@@ -1756,7 +1651,6 @@ def batch_encoder(tokenizer, pool):
     return lambda pieces: np.concatenate(list(pool.map(encode_piece, pieces)))
 
 
-
 def char_ids(text, table):
     """The ids of text's characters: ASCII text is its own bytes, any other is read as UTF-32 code points."""
     ascii = text.isascii()
@@ -1769,43 +1663,10 @@ def char_ids(text, table):
     return ids
 
 
-
-class TokenWriter:
-    """Appends the ids of one split's text to its file, a batch of pieces at a time. A document after the
-    first starts with a separator: <|endoftext|> with BPE, a blank line with characters."""
-
-    def __init__(self, path, encode, dtype, bpe):
-        self.file, self.encode, self.dtype, self.bpe = open(path, "wb"), encode, dtype, bpe
-        self.pending, self.pending_chars, self.last_char = [], 0, ""
-        self.tokens = self.characters = self.bytes = self.documents = 0  # of the documents, separators not counted
-
-    def add(self, piece, starts_document, n_bytes):
-        self.characters += len(piece)
-        self.bytes += n_bytes
-        if starts_document:
-            if self.documents:
-                piece = ("<|endoftext|>" if self.bpe else "\n" if self.last_char == "\n" else "\n\n") + piece
-            self.documents += 1
-        self.last_char = piece[-1]
-        self.pending.append(piece)
-        self.pending_chars += len(piece)
-        if self.pending_chars >= BATCH_CHARS:
-            self.flush()
-
-    def flush(self):
-        if self.pending:
-            ids = self.encode(self.pending)
-            ids.astype(self.dtype).tofile(self.file)
-            self.tokens += len(ids)
-            self.pending, self.pending_chars = [], 0
-
-
-
 def input_fingerprint(files):
     """What token files are built from: each input file's path, size and modification time, hashed."""
     stats = [(os.path.abspath(p), s.st_size, s.st_mtime_ns) for p in files for s in [os.stat(p)]]
     return hashlib.sha256(json.dumps(stats).encode("utf-8")).hexdigest()
-
 
 
 def prepare_token_files(cfg, tokenizer, log):
@@ -1835,7 +1696,6 @@ def prepare_token_files(cfg, tokenizer, log):
         f"MB/s) into {os.path.join(cfg.out_dir, 'train.bin')} and val.bin")
 
 
-
 def token_files_current(meta, out_dir, files, recipe, tokenizer):
     """Whether tokens.json vouches for train.bin and val.bin as the ids of these files by this tokenizer
     (or, when there is none yet, by this recipe), and both files have the size it says."""
@@ -1849,45 +1709,63 @@ def token_files_current(meta, out_dir, files, recipe, tokenizer):
                for split, path in paths.items())
 
 
-
 def write_token_files(files, cut, tokenizer, out_dir, log):
-    """Encode the input into train.bin and val.bin (uint16 ids when the vocabulary fits, else uint32)."""
+    """Encode the input into train.bin and val.bin (uint16 ids when the vocabulary fits, else uint32), about
+    BATCH_CHARS of a split at a time. A document after the first of its split starts with a separator:
+    <|endoftext|> with BPE, a blank line with characters (counted as neither characters nor bytes)."""
     dtype = np.uint16 if len(tokenizer.vocab) <= 2**16 else np.uint32
-    pool = ThreadPoolExecutor(os.cpu_count() or 1)
-    encode, bpe = batch_encoder(tokenizer, pool), "<|endoftext|>" in getattr(tokenizer, "special_tokens", {})
+    bpe = "<|endoftext|>" in getattr(tokenizer, "special_tokens", {})
     paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
-    writers, progress, done = {}, Progress("tokenizing", log), False
-    try:
-        writers = {split: TokenWriter(path + ".tmp", encode, dtype, bpe) for split, path in paths.items()}
-        for split, piece, starts in split_pieces(files, cut):
-            n_bytes = len(piece.encode("utf-8"))
-            writers[split].add(piece, starts, n_bytes)
-            progress.add(n_bytes)
-        for writer in writers.values():
-            writer.flush()
-        done = True
-    finally:
-        pool.shutdown()
-        for split, writer in writers.items():
-            writer.file.close()
-            if done:
-                os.replace(paths[split] + ".tmp", paths[split])
-            else:
-                with suppress(OSError):
-                    os.remove(paths[split] + ".tmp")
-    return {"dtype": np.dtype(dtype).name, "unit": "byte" if bpe else "char", "bytes": progress.done,
-            "validation": "last 10 %" if cut is not None else "every tenth document",
-            **{split: {"tokens": w.tokens, "characters": w.characters, "bytes": w.bytes, "documents": w.documents}
-               for split, w in writers.items()}}
+    counts = {split: dict(tokens=0, characters=0, bytes=0, documents=0) for split in paths}
+    pending, pending_chars, last_char = {split: [] for split in paths}, dict.fromkeys(paths, 0), dict.fromkeys(paths, "")
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, written_whole(paths) as out:
+        encode = batch_encoder(tokenizer, pool)
 
+        def flush(split):  # the split's pending pieces, encoded, appended to its file
+            ids = encode(pending[split]) if pending[split] else np.zeros(0)
+            ids.astype(dtype).tofile(out[split])
+            counts[split]["tokens"] += len(ids)
+            pending[split], pending_chars[split] = [], 0
+
+        for split, piece, starts in with_progress(split_pieces(files, cut), "tokenizing", log):
+            counts[split]["characters"] += len(piece)
+            counts[split]["bytes"] += len(piece.encode("utf-8"))
+            if starts and counts[split]["documents"]:
+                piece = ("<|endoftext|>" if bpe else "\n" if last_char[split] == "\n" else "\n\n") + piece
+            counts[split]["documents"] += starts
+            last_char[split] = piece[-1]
+            pending[split].append(piece)
+            pending_chars[split] += len(piece)
+            if pending_chars[split] >= BATCH_CHARS:
+                flush(split)
+        for split in paths:
+            flush(split)
+    return {"dtype": np.dtype(dtype).name, "unit": "byte" if bpe else "char",
+            "bytes": sum(c["bytes"] for c in counts.values()),
+            "validation": "last 10 %" if cut is not None else "every tenth document", **counts}
+
+
+@contextmanager
+def written_whole(paths):
+    """{name: a binary file open at path + ".tmp"}; renamed to path once all are written, removed if anything fails."""
+    out = {}
+    try:
+        out = {name: open(path + ".tmp", "wb") for name, path in paths.items()}
+        yield out
+    except BaseException:
+        for name, f in out.items():
+            f.close()
+            with suppress(OSError):
+                os.remove(paths[name] + ".tmp")
+        raise
+    for name, f in out.items():
+        f.close()
+        os.replace(paths[name] + ".tmp", paths[name])
 
 
 class TokenFile:
-    """A token file as an array of ids through a memory map: reading a window loads only the pages it
-    touches. Touched pages would stay counted as the process's memory, though, and the page cache
-    hands them out up to 2 MB at a time (4,000 batches of a 2 GB file: 1.8 GB), so each read gives
-    them back (madvise; they stay cached, so reading them again is still fast). Without madvise
-    (Windows), they stay."""
+    """A token file as an array of ids through a memory map: reading a window loads only the pages it touches,
+    and gives them back after (madvise, where there is one: they stay cached, but not counted as ours)."""
 
     def __init__(self, path, dtype):
         with open(path, "rb") as f:  # an empty file cannot be mapped: it is an empty array
@@ -1904,7 +1782,6 @@ class TokenFile:
         return ids
 
 
-
 def read_token_meta(out_dir):
     """tokens.json, or None if there is none (or it is unreadable, or of another version)."""
     try:
@@ -1915,25 +1792,30 @@ def read_token_meta(out_dir):
         return None
 
 
-
 def open_token_files(out_dir):
     """tokens.json, and train.bin and val.bin as TokenFiles."""
     meta = read_token_meta(out_dir)
     return meta, *(TokenFile(os.path.join(out_dir, f"{split}.bin"), meta["dtype"]) for split in ("train", "val"))
 
 
-def check_fits(block_size, data, cfg):
-    """Each split must hold at least one (x, y) window of block_size + 1 tokens."""
+def describe(data, model, cfg, rt):
+    """Check that each split holds a window of block_size + 1 tokens, and say what the run trains on."""
     for split, name in ((data.train, "training"), (data.val, "validation")):
-        if len(split) <= block_size:
+        if len(split) <= model.cfg.block_size:
             hint = " (every tenth document validates: give at least ten)" if data.documents > 1 else ""
             raise ValueError(f"{cfg.input}: the {name} split has {len(split)} tokens but needs more than "
-                             f"block_size={block_size}{hint}; use a longer text or a smaller --block-size")
+                             f"block_size={model.cfg.block_size}{hint}; use a longer text or a smaller --block-size")
+    docs = f"{data.documents:,} documents, " if data.documents > 1 else ""
+    rt.log(f"{docs}{data.characters:,} characters, {len(data.train):,} train and {len(data.val):,} val tokens, "
+           f"vocab {model.cfg.vocab_size}")
+    m = model.cfg
+    rt.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({m.n_layer} layers, {m.n_head} heads, "
+           f"{m.n_embd} wide, block {m.block_size}) on {rt.device}")
+
 
 # ---- Checkpoints: everything to resume exactly or to sample, never lost -----------------------------
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes, so old files fail with a clear message
-
 
 
 def tokenizer_state(tokenizer):
@@ -1950,22 +1832,13 @@ def tokenizer_from_state(state):
     return tokenizer_bpe.BPETokenizer.from_dict(state["bpe"], "the checkpoint's tokenizer")
 
 
-
 def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val_loss, tokenizer):
-    """Everything needed to resume exactly or to sample, as tensors and plain types (weights_only-safe).
-    Written to a temp file and renamed, so a crash or a full disk mid-write never leaves a broken ckpt.pt."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "model_config": dataclasses.asdict(model_cfg),
-        "train_config": dataclasses.asdict(train_cfg),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "best_val_loss": best_val_loss,
-        "rng": {"torch": torch.get_rng_state(),  # dropout; the batches need none (batch_generator)
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-        "tokenizer": tokenizer_state(tokenizer),
-    }
+    """Everything to resume exactly or to sample (tensors and plain types), written whole or not at all."""
+    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(train_cfg),
+             "step": step, "best_val_loss": best_val_loss, "tokenizer": tokenizer_state(tokenizer),
+             "rng": {"torch": torch.get_rng_state(),  # dropout's; the batches need none (batch_generator)
+                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
     try:
         with open(path + ".tmp", "wb") as f:  # opened here, not by torch.save, so a failure names its cause
             torch.save(state, f)
@@ -1977,7 +1850,6 @@ def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val
             os.remove(path + ".tmp")
         raise ValueError(f"{path}: cannot write the checkpoint ({write_failure(err)}); "
                          "the checkpoint saved before, if any, is unchanged") from None
-
 
 
 def write_failure(err):
@@ -1992,20 +1864,15 @@ def write_failure(err):
     return f"{err.strerror or err}: {fixes.get(err.errno, 'pass another --out-dir')}"
 
 
-
 def load_checkpoint(path, device, attention=None):
-    """The checkpoint dict and its rebuilt model, or a one-line error saying what is wrong. A file that
-    cannot be opened (missing, a directory, no permission) is a bad path, not a bad checkpoint.
-    attention replaces the saved choice: the three compute the same function of the same weights."""
+    """The checkpoint dict and its rebuilt model, or a one-line error saying what is wrong (a file that cannot be
+    opened is a bad path, not a bad checkpoint); attention, if given, replaces the saved choice."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         raise ValueError(f"{path}: no checkpoint; train one first with `python gpt.py` (or pass --out-dir)") from None
-    except (IsADirectoryError, NotADirectoryError) as err:
-        raise ValueError(f"{path}: not a checkpoint file ({err.strerror}); pass the --out-dir that holds "
-                         "ckpt.pt") from None
-    except OSError as err:  # no permission, say: the file itself may be fine
-        raise ValueError(f"{path}: cannot open it ({err.strerror})") from None
+    except OSError as err:  # a directory, no permission: the file itself may be fine
+        raise ValueError(f"{path}: cannot open it as a checkpoint file ({err.strerror})") from None
     with f:
         try:
             ckpt = torch.load(f, map_location=device, weights_only=True)
@@ -2024,7 +1891,6 @@ def load_checkpoint(path, device, attention=None):
         first_line = str(err).strip().splitlines()[0]
         raise ValueError(f"{path}: checkpoint does not match this gpt.py's model ({first_line}); train again") from None
     return ckpt, model.to(device)
-
 
 
 def save_run(run, rt):
@@ -2055,14 +1921,12 @@ def load_for_resume(cfg, model_cfg, given, device):
     return ckpt, model, tokenizer_from_state(ckpt["tokenizer"]), cfg
 
 
-
 def load_for_fine_tuning(cfg, model_cfg, given, device):
     """The --init-from checkpoint's model and tokenizer; model flags given must agree with it."""
     ckpt, model = load_checkpoint(cfg.init_from, device, model_cfg.attention if "attention" in given else None)
     check_unchanged(given, (model_cfg, cfg), (model.cfg, TrainConfig(**ckpt["train_config"])),
                     "when fine-tuning (--init-from)")
     return model, tokenizer_from_state(ckpt["tokenizer"])
-
 
 
 def check_unchanged(given, flags, saved, when="on --resume"):
@@ -2104,7 +1968,6 @@ def claim_out_dir(cfg):
         yield
 
 
-
 def saved_step(path):
     """The step a checkpoint was saved at, or None if it is not readable as one."""
     try:  # mmap: the weights are not read
@@ -2113,12 +1976,10 @@ def saved_step(path):
         return None
 
 
-
 @contextmanager
 def out_dir_lock(out_dir):
-    """Only one run at a time writes into out_dir. Its lock file, holding the owner's pid and host, is
-    created with O_EXCL, which only one of two runs can do, and removed at the end; a lock whose owner
-    died without removing it (killed by SIGKILL, say) is stale, and taken over."""
+    """One run at a time writes into out_dir: its lock file (pid and host) is created with O_EXCL, which only one
+    run can do, and removed at the end; a lock whose owner died (SIGKILL, say) is stale, and taken over."""
     path = os.path.join(out_dir, "ckpt.pt.lock")
     for attempt in range(2):
         try:
@@ -2145,7 +2006,6 @@ def out_dir_lock(out_dir):
             os.remove(path)
 
 
-
 def read_lock(path):
     """(pid, host) from a lock file, or None if it cannot be read."""
     try:
@@ -2154,7 +2014,6 @@ def read_lock(path):
         return int(pid), host
     except (OSError, ValueError):
         return None
-
 
 
 def process_alive(pid, host):
@@ -2173,34 +2032,31 @@ def process_alive(pid, host):
 
 # ---- log.csv: a row per evaluation and per log line -------------------------------------------------
 
-class CsvLog:
-    """<out-dir>/log.csv: a row per evaluation (train_loss, val_loss, val_bits) and per training log line
-    (train_loss of that step's batch, val empty). A resumed run keeps the rows up to its checkpoint (the
-    later ones are redone) and goes on with the clock where they ended. With no path (ranks other than 0),
-    nothing is written."""
-    COLUMNS = ["step", "tokens", "flops", "seconds", "lr", "train_loss", "val_loss", "val_bits"]
-
-    def __init__(self, path, resume_step=None):
-        self.path, kept = path, []
-        if path and resume_step is not None and os.path.exists(path):
-            with open(path, encoding="utf-8", newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
-        self.seconds_offset = float(kept[-1]["seconds"]) if kept else 0.0
-        if path:
-            with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:  # replaced whole, like a checkpoint
-                writer = csv.DictWriter(f, self.COLUMNS, lineterminator="\n")
-                writer.writeheader()
-                writer.writerows(kept)
-            os.replace(path + ".tmp", path)
-
-    def row(self, **values):
-        if self.path:
-            with open(self.path, "a", encoding="utf-8", newline="") as f:
-                csv.DictWriter(f, self.COLUMNS, lineterminator="\n").writerow({k: format_cell(v) for k, v in values.items()})
+LOG_COLUMNS = ["step", "tokens", "flops", "seconds", "lr", "train_loss", "val_loss", "val_bits"]
 
 
-def open_csv_log(out_dir, ckpt, master):
-    return CsvLog(os.path.join(out_dir, "log.csv") if master else None, ckpt["step"] if ckpt else None)
+def start_log_csv(out_dir, ckpt):
+    """<out-dir>/log.csv anew, or a resumed run's rows up to its checkpoint (the later ones are redone), written
+    whole; a row per evaluation and per log line. Returns the seconds the kept rows end at."""
+    path, kept = os.path.join(out_dir, "log.csv"), []
+    if ckpt and os.path.exists(path):
+        with open(path, encoding="utf-8", newline="") as f:
+            kept = [row for row in csv.DictReader(f) if int(row["step"]) <= ckpt["step"]]
+    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, LOG_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(path + ".tmp", path)
+    return float(kept[-1]["seconds"]) if kept else 0.0
+
+
+def log_row(run, lr, train_loss, val_loss=None, val_bits=None):
+    """A row of log.csv: where the run stands (tokens, FLOPs, seconds of training) and its losses."""
+    tokens = run.step * run.tokens_per_step
+    row = [run.step, tokens, tokens * flops_per_token(run.model.cfg), round(time.perf_counter() - run.started, 3), lr,
+           train_loss, val_loss, val_bits]
+    with open(os.path.join(run.cfg.out_dir, "log.csv"), "a", encoding="utf-8", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerow(map(format_cell, row))
 
 
 def format_cell(value):
@@ -2209,24 +2065,10 @@ def format_cell(value):
 
 # ---- Signals and pipes: Ctrl-C and SIGTERM save first; a closed reader ends the run quietly ----------
 
-def print_line(line):
-    """Print line at once, so `| tee` shows it live. False if the reader has gone (`| head` exited);
-    stdout then goes to /dev/null, where later prints cannot fail."""
-    try:
-        print(line, flush=True)
-        return True
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return False
-
-
-
 @contextmanager
 def stop_on_signals(stop):
-    """Within: Ctrl-C (SIGINT) and SIGTERM (sent by `kill`, job schedulers, preemptible machines, and by
-    torchrun to its workers) only set stop["requested"], for the loop to act on between steps. A
-    second signal of the same kind acts as it would outside: a KeyboardInterrupt, or the end at once.
-    (Outside the loop SIGTERM keeps its default, which ends even a process blocked in a C call.)"""
+    """Within: Ctrl-C (SIGINT) and SIGTERM (kill, job schedulers, torchrun) only set stop["requested"], for the
+    loop to act on between steps; a second signal of the same kind acts as it would outside."""
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.getsignal(signum) or signal.SIG_DFL for signum in signals}  # None: not set by Python
 
@@ -2243,7 +2085,6 @@ def stop_on_signals(stop):
             signal.signal(signum, previous[signum])
 
 
-
 def save_and_say_how_to_resume(run, rt):
     """Save where the run stopped, and say how to go on (on stderr if stdout has gone)."""
     save_run(run, rt)
@@ -2254,34 +2095,35 @@ def save_and_say_how_to_resume(run, rt):
         rt.log(f"interrupted: {message}")
 
 
-# ---- The runtime: device, precision, torchrun's processes, torch.compile ---------------------------
+# ---- The runtime: device, precision, optimizers as one, torchrun's processes, torch.compile ---------
 
 @dataclasses.dataclass
 class Runtime:
-    """This process's place in a run: its device, its rank among torchrun's processes (only rank 0 logs,
-    evaluates and saves), and whether a stop was asked for (by Ctrl-C, SIGTERM or a closed stdout: the
-    loop then saves and stops)."""
+    """This process's device, its place among torchrun's processes, and whether a stop was asked for."""
     device: str
     device_type: str
     rank: int
     world_size: int
     local_rank: int
+    master: bool  # rank 0
     stop: dict = dataclasses.field(default_factory=lambda: {"requested": False, "why": "interrupted"})
 
-    @property
-    def master(self):
-        return self.rank == 0
-
     def log(self, line):
-        """Only rank 0 logs; if its reader has gone (`| head`), the loop saves and stops."""
-        if self.master and not print_line(line):
+        """Rank 0 prints at once (`| tee` shows it live); once the reader has gone (`| head`), the loop stops."""
+        if not self.master:
+            return
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # where later prints cannot fail
             self.stop.update(requested=True, why="stdout closed")
 
 
-
 def setup_runtime(cfg):
-    device = pick_device(cfg.device)
-    rank, world_size, local_rank = setup_distributed(device)
+    device, rank, world_size, local_rank = pick_device(cfg.device), 0, 1, 0
+    if "RANK" in os.environ:  # under torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")  # gloo: CPU tensors
+        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
     if device == "cuda" and world_size > 1:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -2289,48 +2131,63 @@ def setup_runtime(cfg):
     if device_type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads() // world_size))  # torch uses all cores; share them
     torch.manual_seed(cfg.seed)
-    return Runtime(device, device_type, rank, world_size, local_rank)
-
+    return Runtime(device, device_type, rank, world_size, local_rank, rank == 0)
 
 
 def native_bf16(device_type):
-    """Whether this device multiplies bfloat16 in hardware: GPUs from Ampere on, and CPUs with AMX or AVX-512
-    BF16. Elsewhere bf16 is emulated, slower than float32."""
+    """Whether this device multiplies bfloat16 in hardware (GPUs from Ampere on, CPUs with AMX or AVX-512 BF16)."""
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     cpu_has = lambda name: getattr(torch.cpu, name, lambda: False)()  # private: absent in some torch builds
     return device_type == "cpu" and (cpu_has("_is_amx_tile_supported") or cpu_has("_is_avx512_bf16_supported"))
 
 
+class Optimizers:
+    """Several optimizers that the training loop and the checkpoint see as one."""
 
-def setup_distributed(device):
-    """(rank, world_size, local_rank); torchrun sets RANK, WORLD_SIZE and LOCAL_RANK."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")  # gloo: CPU tensors
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    def __init__(self, *parts):
+        self.parts = parts
 
+    @property
+    def param_groups(self):  # a property: load_state_dict replaces each part's list of groups
+        return [group for part in self.parts for group in part.param_groups]
+
+    def step(self):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none=True):
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state):
+        for part, part_state in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(part_state)
+
+
+def in_float32(attend, q, k, v, dropout_p):
+    """attend(q, k, v) in float32, autocast or not; the result in q's dtype."""
+    with torch.autocast(q.device.type, enabled=False):
+        return attend(q.float(), k.float(), v.float(), dropout_p).to(q.dtype)
 
 
 def batch_generator(seed, step, rank, world_size):
-    """Each rank's batches of one step come from their own seed: ranks draw different batches, and a
-    resumed run draws exactly the batches it would have, with no generator state to save. torch's CPU
-    generator keeps 32 bits of a seed; multiplying by an odd number is one-to-one modulo 2**32, so
-    every (step, rank) gets its own seed."""
+    """Each (step, rank) draws its batches from a seed of its own (torch keeps 32 bits of a seed; an odd factor
+    keeps them apart modulo 2**32): a resumed run draws exactly the batches it would have, with no state saved."""
     return torch.Generator().manual_seed((seed + 1_000_003 * (step * world_size + rank)) % 2**32)
 
 
-
 def wrap_model(run, rt):
-    """What the steps run: the model, compiled with --compile, wrapped for data-parallel training under
-    torchrun. (Evaluating, saving and sampling use run.model itself.)"""
+    """What the steps run: run.model, compiled (--compile), wrapped for data-parallel training (torchrun)."""
     model = run.model
     if run.cfg.compile:
         model = compile_or_fall_back(model, run.data["train"], run.cfg, model.cfg.block_size, rt.device, run.autocast)
     if rt.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     return model
-
 
 
 def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
@@ -2349,7 +2206,6 @@ def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
         return model
 
 
-
 def stop_agreed(run, rt):
     """Whether to stop now. With several ranks every one must agree, or the others would wait forever for
     its gradients; they ask at log steps only, as asking is a sync."""
@@ -2362,12 +2218,11 @@ def stop_agreed(run, rt):
     return flag.item() > 0
 
 
-
-def end_data_parallel(rt, step, local_loss, step_loss):
+def end_data_parallel(rt, run, step_loss):
     """Under torchrun: each rank says where it ended, then the process group is torn down."""
     if rt.world_size > 1:
-        print_line(f"rank {rt.rank}/{rt.world_size}: finished at step {step}; last logged loss {local_loss:.6f} on "
-                   f"this rank's batches, {step_loss.item():.6f} all-reduced")
+        print(f"rank {rt.rank}/{rt.world_size}: finished at step {run.step}; last logged loss {run.local_loss:.6f} on "
+              f"this rank's batches, {step_loss.item():.6f} all-reduced", flush=True)
         dist.barrier()  # rank 0 may still be evaluating: tearing down gloo under it aborts the process
         dist.destroy_process_group()
 
@@ -2402,10 +2257,8 @@ def read_text(path):
     return text
 
 
-
 def add_flags(parser, config):
-    """One --dashed-name flag per dataclass field that has help, typed and defaulted from the field; a value
-    that is not valid (flag's valid=) or not one of its choices is argparse's error, naming the flag."""
+    """One --dashed-name flag per dataclass field that has help, typed, defaulted and checked by the field."""
     for field in dataclasses.fields(config):
         if "help" not in field.metadata:
             continue  # derived fields get no flag
@@ -2445,11 +2298,9 @@ def pick_device(name):
     return name
 
 
-
 def run_command_line(main):
-    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
-    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
-    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
+    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed; bad input ends in one line,
+    `error: ...`, Ctrl-C in `interrupted`, and a reader that stops reading (`| head`) ends it quietly."""
     sys.stdout.reconfigure(line_buffering=True)
     try:
         main()
@@ -2462,10 +2313,8 @@ def run_command_line(main):
         sys.exit(1)
 
 
-
 def parse_args(argv=None):
-    """Both configs from the command line. --preset decides the defaults, so it is read first (by a
-    parser without -h); then --help lists the defaults that apply."""
+    """Both configs, and the flags given; --preset decides the defaults, so it is read first (without -h)."""
     def flag_parser(**kwargs):
         parser = argparse.ArgumentParser(**kwargs)
         parser.error = lambda message: parser.exit(2, f"error: {message}; see --help\n")  # one line, not the usage
@@ -2491,7 +2340,6 @@ def parse_args(argv=None):
     return model_cfg, cfg, given
 
 
-
 def config_problem(m, c):
     """The first bad combination of flags, as a one-line message, or None (argparse checks each flag alone)."""
     if m.n_embd % m.n_head:
@@ -2508,13 +2356,6 @@ def config_problem(m, c):
 # The flags --sample uses; the model, its tokenizer and its training settings come from the checkpoint.
 SAMPLE_FLAGS = {"out_dir", "device", "seed", "sample", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
                 "kv_cache", "attention"}
-
-
-def warn_ignored_flags(given):
-    ignored = sorted(given - SAMPLE_FLAGS)
-    if ignored:
-        print(f"note: --sample takes the model from the checkpoint, so it ignores "
-              f"{', '.join('--' + name.replace('_', '-') for name in ignored)}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -2534,7 +2375,6 @@ def main(argv=None):
         show_embeddings(cfg)
     else:
         train(cfg, model_cfg, given)
-
 
 
 if __name__ == "__main__":

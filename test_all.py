@@ -1314,9 +1314,8 @@ def test_ablation_trains_every_row_and_seed_for_the_same_steps_and_the_same_time
 def test_an_experiment_run_stopped_early_is_not_recorded_as_done(tmp_path, monkeypatch):
     def stopped_at_step_3(cfg, m, given=frozenset()):  # what Ctrl-C or SIGTERM leaves: a shorter log.csv
         os.makedirs(cfg.out_dir, exist_ok=True)
-        log = gpt.CsvLog(os.path.join(cfg.out_dir, "log.csv"))
-        for step in (0, 3):
-            log.row(step=step, tokens=0, flops=0, seconds=0, lr=0.1, train_loss=2.0, val_loss=2.0, val_bits=3.0)
+        (Path(cfg.out_dir) / "log.csv").write_text(",".join(gpt.LOG_COLUMNS) + "\n0,0,0,0,0.1,2,2,3\n3,0,0,0,0.1,2,2,3\n",
+                                                   encoding="utf-8")
     (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(gpt, "train", stopped_at_step_3)
@@ -1971,7 +1970,7 @@ def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     (["--sweep-budgets", "abc"], "argument --sweep-budgets: must be comma-separated positive numbers, got abc"),
     (["--sweep-widths", "16,0"], "argument --sweep-widths: must be comma-separated positive integers, got 16,0"),
     (["--ablation-seeds", "x"], "argument --ablation-seeds: must be comma-separated integers >= 0, got x"),
-    (["--preset", "tpu"], "argument --preset: invalid choice: 'tpu' (choose from 'auto', 'cpu', 'gpu', 'gpt2')"),
+    (["--preset", "tpu"], "argument --preset: invalid choice: 'tpu' (choose from 'auto', 'gpt2', 'cpu', 'gpu')"),
 ])
 def test_gpt_bad_flag_values_are_argparse_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -2085,19 +2084,23 @@ def test_token_files_are_reused_and_rebuilt_after_the_input_or_the_tokenizer_cha
 def test_an_interrupted_token_build_is_rebuilt_not_trusted(tmp_path, monkeypatch):
     (tmp_path / "t.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     monkeypatch.setattr(gpt, "BATCH_CHARS", 1000)
-    real_flush, flushes = gpt.TokenWriter.flush, []
+    real_encoder, batches = gpt.batch_encoder, []
 
-    def flush_then_ctrl_c(writer):
-        real_flush(writer)
-        flushes.append(writer)
-        if len(flushes) == 2:
-            raise KeyboardInterrupt
+    def encoder_then_ctrl_c(tokenizer, pool):  # Ctrl-C while the second batch is encoded: one was written
+        encode = real_encoder(tokenizer, pool)
 
-    monkeypatch.setattr(gpt.TokenWriter, "flush", flush_then_ctrl_c)
+        def encode_then_stop(pieces):
+            batches.append(pieces)
+            if len(batches) == 2:
+                raise KeyboardInterrupt
+            return encode(pieces)
+        return encode_then_stop
+
+    monkeypatch.setattr(gpt, "batch_encoder", encoder_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         token_files(tmp_path, str(tmp_path / "t.txt"))
-    assert os.listdir(tmp_path / "out") == []  # no half file under a final name, no tokens.json, no temporary left
-    monkeypatch.setattr(gpt.TokenWriter, "flush", real_flush)
+    assert len(batches) == 2 and os.listdir(tmp_path / "out") == []  # no half file under a final name, no tokens.json, no temporary left
+    monkeypatch.setattr(gpt, "batch_encoder", real_encoder)
     tokenizer, train, val, logged = token_files(tmp_path, str(tmp_path / "t.txt"))
     cut = int(0.9 * len(SHAKESPEARE_BIT))
     assert logged[0].startswith("tokenized ") and train == tokenizer.encode(SHAKESPEARE_BIT[:cut])
@@ -2394,9 +2397,9 @@ def test_gpt_failed_checkpoint_write_names_its_cause_and_keeps_the_old_one(tmp_p
 def test_a_bad_path_is_not_called_a_corrupt_file(tmp_path):
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "garbage").write_bytes(b"not a checkpoint at all")
-    for path, message in [("a_dir", "a_dir: not a checkpoint file (Is a directory)"),
+    for path, message in [("a_dir", "a_dir: cannot open it as a checkpoint file (Is a directory)"),
                           ("missing", "missing: no checkpoint"),
-                          ("garbage/ckpt.pt", "garbage/ckpt.pt: not a checkpoint file (Not a directory)")]:
+                          ("garbage/ckpt.pt", "garbage/ckpt.pt: cannot open it as a checkpoint file (Not a directory)")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             gpt.load_checkpoint(str(tmp_path / path), "cpu")
     with pytest.raises(ValueError, match="corrupt or truncated checkpoint") as info:
