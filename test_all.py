@@ -1156,6 +1156,14 @@ def test_newton_schulz_orthogonalises_and_is_what_muon_applies(shape):
     muon.step()
     expected = before * (1 - 0.1 * 0.5) - 0.1 * max(1, shape[0] / shape[1]) ** 0.5 * gpt.orthogonalise(G)
     torch.testing.assert_close(w.detach(), expected, atol=0.02, rtol=0.02)  # torch iterates in bfloat16
+    # gpt.Muon is torch's algorithm written out: in bfloat16 the very same numbers, step after step
+    ours, theirs = (torch.nn.Parameter(before.clone()) for _ in range(2))
+    for optimizer in (gpt.Muon([ours], torch.bfloat16, lr=0.1, weight_decay=0.5),
+                      torch.optim.Muon([theirs], lr=0.1, weight_decay=0.5, adjust_lr_fn="original")):
+        for step in range(3):
+            optimizer.param_groups[0]["params"][0].grad = G * (step + 1) + step
+            optimizer.step()
+    assert torch.equal(ours, theirs)
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
