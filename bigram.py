@@ -6,7 +6,10 @@ gradient descent, in the same skeleton as gpt.py (config, data, model, training 
 sampling), then count every adjacent pair of the training text, which gives the best table any
 bigram model can have, and print both: gradient descent finds the counts.
 
-    python bigram.py           # trains on input.txt in under 3 s on a 2-core CPU
+The lesson comes first, in that order; the command-line machinery (reading the file, flags,
+devices, one-line errors) comes last.
+
+    python bigram.py           # trains on input.txt, then compares the table with the counts
     python bigram.py --help    # every flag, with its default
 """
 import argparse
@@ -22,9 +25,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 # Add-alpha smoothing of the counts: an unseen pair gets a little probability instead of zero, which
-# would make a validation text that contains it infinitely surprising. Measured on input.txt, the
-# validation NLL is 2.5314, 2.5306, 2.5300, 2.5301, 2.5317 nats for alpha = 0.001, 0.01, 0.1, 0.3, 1;
-# 0.1 is the best, and it costs the training NLL only 0.0003 nats over the raw counts.
+# would make a validation text that contains it infinitely surprising. 0.1 gave input.txt the lowest
+# validation NLL of the values tried (README).
 ALPHA = 0.1
 NATS_PER_BIT = math.log(2)  # a loss in bits per character is the loss in nats / ln 2
 
@@ -32,11 +34,8 @@ NATS_PER_BIT = math.log(2)  # a loss in bits per character is the loss in nats /
 # ---- config ----
 @dataclasses.dataclass
 class TrainConfig:
-    # Defaults chosen by measuring on input.txt (2-core CPU, 15 seeds). A bigram needs only pair
-    # statistics, so big batches and big steps suit it: 250 steps of 128 x 64 = 8192 pairs at lr 0.3,
-    # decaying linearly to 0, end a median 0.003 nats above the count optimum (at most 0.006 on
-    # validation) in 0.6 s. A constant lr ends 0.02 above it, lr 0.1 0.01; doubling the steps halves
-    # the gap; the lecture recipe (batch 32, block 8, lr 1e-2) takes 10k steps, 2.7 s, to get as close.
+    # Defaults chosen by measuring on input.txt (README). A bigram needs only pair statistics, so big
+    # batches and big steps suit it, with the learning rate decaying to 0 so that the noisy steps settle.
     input: str = dataclasses.field(default="input.txt", metadata={"help": "training text, UTF-8"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
     seed: int = dataclasses.field(default=1337, metadata={"help": "random seed"})
@@ -60,63 +59,6 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             return f"--device must be auto, cpu, cuda or mps, got {self.device!r}"
         return None
-
-
-def read_text(path):
-    """The training text, or a one-line ValueError that names the problem and the fix."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file; pass a text file with --input") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory; pass a text file with --input") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
-    if not text:
-        raise ValueError(f"{path}: file is empty; pass a text file with --input")
-    return text
-
-
-def add_flags(parser, config):
-    """One --dashed-name flag per dataclass field that has help, typed and defaulted from the field."""
-    for field in dataclasses.fields(config):
-        if "help" not in field.metadata:
-            continue  # derived fields get no flag
-        default = getattr(config, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        help_text = field.metadata["help"] + " (default: %(default)r)"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_text)
-
-
-def pick_device(name):
-    """'auto' means CUDA when there is one, else CPU; MPS only when asked for."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: MPS is not available here; use --device cpu")
-    return name
-
-
-def run_command_line(main):
-    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
-    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
-    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
-    sys.stdout.reconfigure(line_buffering=True)
-    try:
-        main()
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
-        sys.exit(1)
 
 
 # ---- data ----
@@ -252,8 +194,9 @@ def train(model, train_data, val_data, cfg, device):
         optimizer.step()
 
 
+# ---- the script: train, judge against the counts, sample ----
 def main(argv=None):
-    gc.freeze()  # torch's 160k objects live until exit: exempt them from garbage collection (0.5 s)
+    gc.freeze()  # torch's many objects live until exit: exempt them from garbage collection
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_flags(parser, TrainConfig())
     args = parser.parse_args(argv)
@@ -263,8 +206,8 @@ def main(argv=None):
         parser.error(problem)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    # A 73 x 73 table is too small to share out: a second thread saves a quarter of the time on an idle
-    # 2-core CPU, and costs 10x as soon as another program holds a core.
+    # A V x V table is too small to share out: more threads save little on an idle machine, and cost
+    # many times over as soon as another program holds a core.
     torch.set_num_threads(1)
 
     text = read_text(cfg.input)
@@ -289,6 +232,67 @@ def main(argv=None):
     model.eval()
     start = torch.zeros((1, 1), dtype=torch.long, device=device)  # id 0, the smallest character: "\n" here
     print(decode(model.generate(start, cfg.max_new_tokens)[0, 1:].tolist(), chars))
+
+
+# ==================================================================================================
+# Machinery: the command-line helpers that bigram.py and gpt.py share. A reader may skip them.
+# ==================================================================================================
+
+def read_text(path):
+    """The training text, or a one-line ValueError that names the problem and the fix."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; pass a text file with --input") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; pass a text file with --input") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+    if not text:
+        raise ValueError(f"{path}: file is empty; pass a text file with --input")
+    return text
+
+
+def add_flags(parser, config):
+    """One --dashed-name flag per dataclass field that has help, typed and defaulted from the field."""
+    for field in dataclasses.fields(config):
+        if "help" not in field.metadata:
+            continue  # derived fields get no flag
+        default = getattr(config, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata["help"] + " (default: %(default)r)"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+
+
+def pick_device(name):
+    """'auto' means CUDA when there is one, else CPU; MPS only when asked for."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available here; use --device cpu")
+    return name
+
+
+def run_command_line(main):
+    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
+    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
+    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        sys.exit(1)
 
 
 if __name__ == "__main__":
