@@ -235,13 +235,15 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# Machinery: the command-line helpers that bigram.py and gpt.py share. A reader may skip them.
+# Machinery: reading the text, flags and devices (shared with gpt.py word for word), checks, one-line
+# errors. A reader may skip it.
 # ==================================================================================================
 
 def read_text(path):
-    """The training text, or a one-line ValueError that names the problem and the fix."""
+    """The training text, or a one-line ValueError that names the problem and the fix. A UTF-8
+    byte-order mark at the start (some editors write one) is not text: utf-8-sig drops it."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file; pass a text file with --input") from None
@@ -249,6 +251,9 @@ def read_text(path):
         raise ValueError(f"{path}: is a directory; pass a text file with --input") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror}); pass a readable text file with "
+                         "--input") from None
     if not text:
         raise ValueError(f"{path}: file is empty; pass a text file with --input")
     return text

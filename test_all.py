@@ -419,10 +419,16 @@ def test_bpe_script(tmp_path, capsys):
                  "same ids: True", "decode(encode(text)) == text: True", f"saved {out}"]:
         assert line in printed
     assert re.search(r"^train: [\d.]+ s for 44 merges$", printed, re.M)
+    # each problem with the input file is one line that says what it is and what to pass instead
+    (tmp_path / "empty.txt").write_bytes(b"")
     small.write_bytes(b"\xff\xfe not utf-8")
-    with pytest.raises(SystemExit, match="error: .* is not UTF-8 text"):
-        bpe.main(["--input", str(small), "--out", str(out)])
-    for args in (["--vocab-size", "100"], ["--pattern", "gpt5"], ["--input", "missing.txt"]):
+    for path, message in [(small, "small.txt: not UTF-8 text (byte 0); convert it to UTF-8"),
+                          (tmp_path / "missing.txt", "missing.txt: no such file; pass a text file with --input"),
+                          (tmp_path, ": is a directory; pass a text file with --input"),
+                          (tmp_path / "empty.txt", "empty.txt: file is empty; pass a text file with --input")]:
+        with pytest.raises(SystemExit, match="^error: .*" + re.escape(message) + "$"):
+            bpe.main(["--input", str(path), "--out", str(out)])
+    for args in (["--vocab-size", "100"], ["--pattern", "gpt5"]):
         with pytest.raises(SystemExit) as err:
             bpe.main(args + ["--out", str(out)])
         assert err.value.code == 2
@@ -741,6 +747,21 @@ def test_bigram_bad_input_is_one_clear_line(bigram_runs, name):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert name.replace(" ", "_") + ".txt" in lines[0] and BIGRAM_BAD_INPUTS[name][2] in lines[0], lines[0]
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path, capsys):
+    """Some editors start a UTF-8 file with U+FEFF: it is no character of the text, so it must not
+    become a token (bigram.py's vocabulary, tokenizer_bpe.py's training text, a tokenizer file)."""
+    text = markov_text(3000)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert bigram.read_text(str(tmp_path / "bom.txt")) == text == bpe.read_text(str(tmp_path / "bom.txt"))
+    bigram.main(["--input", str(tmp_path / "bom.txt"), "--max-iters", "1", "--eval-interval", "1", "--eval-iters", "1",
+                 "--block-size", "8", "--max-new-tokens", "0", "--device", "cpu"])
+    assert f"3,000 characters, vocabulary {len(set(text))}," in capsys.readouterr().out
+    tok = bpe.BPETokenizer()
+    tok.train(text, 260)
+    (tmp_path / "bpe.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(tok.to_dict()).encode("utf-8"))
+    assert bpe.BPETokenizer.load(str(tmp_path / "bpe.json")).merges == tok.merges
 
 
 # ---- gpt.py ----
@@ -2339,11 +2360,38 @@ def test_bpe_script_checks_out_before_training(tmp_path, capsys):
     (tmp_path / "small.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     (tmp_path / "a_file").write_text("", encoding="utf-8")
     for out, message in [(str(tmp_path), "is a directory"), ("", "is empty"),
+                         (str(tmp_path / "new_dir") + os.sep, "is a directory: give a file name, such as "
+                          + str(tmp_path / "new_dir" / "bpe.json")),
                          (str(tmp_path / "a_file" / "bpe.json"), "a part of its directory is a file")]:
         with pytest.raises(SystemExit) as info:
             bpe.main(["--input", str(tmp_path / "small.txt"), "--vocab-size", "260", "--out", out])
         captured = capsys.readouterr()
         assert info.value.code == 2 and message in captured.err and "train:" not in captured.out
+        assert sorted(os.listdir(tmp_path)) == ["a_file", "small.txt"]  # the check wrote nothing
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails: disk full")
+def test_bpe_failed_writes_name_the_cause_and_leave_nothing_behind(tmp_path):
+    """A full disk while saving the tokenizer or drawing tokens.png: one line that says why and what to
+    do, the file of the last good write untouched, and no temp file left."""
+    tok = bpe.BPETokenizer()
+    tok.train(SHAKESPEARE_BIT, 260)
+    path = tmp_path / "bpe.json"
+    tok.save(str(path))
+    saved = path.read_bytes()
+    train, held_out = SHAKESPEARE_BIT[:2000], SHAKESPEARE_BIT[2000:]
+    words = bpe.WordTokenizer(train)
+    png = tmp_path / "tokens.png"
+    png.write_bytes(b"the last picture")
+    writes = {path: lambda: tok.save(str(path)),
+              png: lambda: bpe.draw_token_distribution(str(png), words, held_out, [bpe.char_row(train, held_out)])}
+    for target, write in writes.items():
+        os.symlink("/dev/full", str(target) + ".tmp")  # every write to the new file fails: disk full
+        with pytest.raises(ValueError, match=f"^{re.escape(str(target))}: cannot write the (tokenizer|picture) "
+                                             r"\(No space left on device: free some disk space\)$"):
+            write()
+        assert sorted(os.listdir(tmp_path)) == ["bpe.json", "tokens.png"]
+    assert path.read_bytes() == saved and png.read_bytes() == b"the last picture"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails: disk full")

@@ -27,12 +27,14 @@ The file, in the order to read it:
     python tokenizer_bpe.py --compare              # words vs characters vs BPE, and tokens.png
 """
 import argparse
+import contextlib
+import errno
 import heapq
+import io
 import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -309,7 +311,6 @@ class BPETokenizer:
             raise ValueError(f"unknown token id {bad!r}: ids are 0..{255 + len(self.merges)} and "
                              f"the special tokens {sorted(self.special_tokens.values())}") from None
 
-
     def decode(self, ids):
         """Ids -> text. A token can hold half a character: invalid UTF-8 becomes U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
@@ -339,19 +340,13 @@ class BPETokenizer:
         return tok
 
     def save(self, path):
-        """Written to a temp file and renamed: a failed write never leaves half a file at path."""
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f)
-            os.replace(path + ".tmp", path)
-        except OSError as err:
-            raise ValueError(f"{path}: cannot save the tokenizer ({err.strerror}); pass another path") from None
+        """Written whole or not at all (write_file): a failed write never leaves half a file."""
+        write_file(path, json.dumps(self.to_dict()).encode("utf-8"), "the tokenizer")
 
     @classmethod
     def load(cls, path):
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not JSON
                 state = json.load(f)
         except ValueError as err:  # bad UTF-8 or JSON
             raise ValueError(f"{path} is not a tokenizer file (corrupt or truncated: {err}); save "
@@ -540,20 +535,14 @@ def timed(fn, *args):
     return fn(*args), time.perf_counter() - t0
 
 
-def read_split(path):
+def split_text(text):
     """The first 90 % of the text to train on, the last 10 % held out to measure on."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err})") from None
     split_at = int(len(text) * 0.9)
     return text[:split_at], text[split_at:]
 
 
-def run(args):
-    train_text, held_out = read_split(args.input)
-    text = train_text + held_out
+def run(args, text):
+    train_text, held_out = split_text(text)
     print(f"training on the first {len(train_text):,} characters of {args.input}: "
           f"pattern {args.pattern}, vocab size {args.vocab_size}")
     tok = BPETokenizer(pattern=args.pattern)
@@ -592,32 +581,72 @@ def main(argv=None):
     if args.vocab_size < 257:
         parser.error(f"--vocab-size must be at least 257 (256 bytes + 1 merge), "
                      f"got {args.vocab_size}")
-    if not os.path.isfile(args.input):
-        parser.error(f"--input {args.input}: no such file")
-    problem = out_problem(args.out)  # before training, so a bad path costs nothing
+    problem = out_problem(args.out)  # before reading and training, so a bad path costs nothing
     if problem:
         parser.error(problem)
     try:
-        compare(args) if args.compare else run(args)
+        text = read_text(args.input)
+        compare(args, text) if args.compare else run(args, text)
     except ValueError as err:
         sys.exit(f"error: {err}")
 
 
-
-# ---- machinery: checked output paths, one-line errors ----
+# ---- machinery: checked paths, files written whole, one-line errors ----
 
 def out_problem(path):
-    """Why the tokenizer cannot be saved at path, checked before training; or None."""
-    if not path or os.path.isdir(path):
-        return f"--out {path!r} is {'a directory' if path else 'empty'}: give a file name, such as out/bpe.json"
+    """Why the tokenizer cannot be saved at path, checked before training (and writing nothing);
+    or None."""
+    if not path or path.endswith(("/", os.sep)) or os.path.isdir(path):
+        return (f"--out {path!r} is {'a directory' if path else 'empty'}: give a file name, such "
+                f"as {os.path.join(path, 'bpe.json') if path else 'out/bpe.json'}")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder):  # the nearest folder that exists: save() makes the rest
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"--out {path}: a part of its directory is a file; give a path in a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"--out {path}: cannot write in {folder} (no permission); pass another path"
+    return None
+
+
+def write_file(path, data, what):
+    """Write the bytes data to path whole or not at all: into path.tmp, then renamed over path.
+    Any failure removes path.tmp and leaves path as it was; an OSError becomes one line."""
+    tmp = path + ".tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()  # can a file be written there?
-    except (FileExistsError, NotADirectoryError):
-        return f"--out {path}: a part of its directory is a file; give a path in a directory"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave it empty
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(err, OSError):
+            raise
+        fix = "free some disk space" if err.errno == errno.ENOSPC else "pass another path"
+        raise ValueError(f"{path}: cannot write {what} ({err.strerror or err}: {fix})") from None
+
+
+def read_text(path):
+    """The training text, or a one-line ValueError that names the problem and the fix. A UTF-8
+    byte-order mark at the start (some editors write one) is not text: utf-8-sig drops it."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; pass a text file with --input") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; pass a text file with --input") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
     except OSError as err:
-        return f"--out {path}: cannot write there ({err.strerror})"
-    return None
+        raise ValueError(f"{path}: cannot be read ({err.strerror}); pass a readable text file with "
+                         "--input") from None
+    if not text:
+        raise ValueError(f"{path}: file is empty; pass a text file with --input")
+    return text
 
 
 def run_command_line(main):
@@ -634,7 +663,6 @@ def run_command_line(main):
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         sys.exit(1)
-
 
 
 # =============================================================================================
@@ -785,13 +813,14 @@ def draw_token_distribution(path, word_tok, held_out, rows):
     ax.set(xscale="log", yscale="log", xlabel="rank (1 = the most frequent token)",
            ylabel="occurrences in the held-out text", title="Token frequency by rank (Zipf)")
     ax.legend(fontsize=8)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    write_file(path, png.getvalue(), "the picture")
 
 
-def compare(args):
+def compare(args, text):
     t0 = time.perf_counter()
-    train_text, held_out = read_split(args.input)
+    train_text, held_out = split_text(text)
     if not WORD_REGEX.search(held_out):
         raise ValueError(f"{args.input} is too short to compare tokenizers: its last 10 % holds "
                          "no word or punctuation mark to measure on")
