@@ -54,6 +54,8 @@ class TrainConfig:
                 return f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
         if not 0 < self.learning_rate < math.inf:
             return f"--learning-rate must be a positive number, got {self.learning_rate}"
+        if not 0 <= self.seed < 2**63:  # torch takes 64-bit seeds
+            return f"--seed must be from 0 to 2**63 - 1, got {self.seed}"
         if self.max_new_tokens < 0:
             return f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}"
         if self.device not in ("auto", "cpu", "cuda", "mps"):
@@ -197,7 +199,7 @@ def train(model, train_data, val_data, cfg, device):
 # ---- the script: train, judge against the counts, sample ----
 def main(argv=None):
     gc.freeze()  # torch's many objects live until exit: exempt them from garbage collection
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     add_flags(parser, TrainConfig())
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -212,6 +214,7 @@ def main(argv=None):
 
     text = read_text(cfg.input)
     chars = sorted(set(text))  # the vocabulary: every distinct character
+    check_memory(cfg, len(chars), device)  # before allocating: a step too big is one line, not a crash
     data = torch.tensor(encode(text, chars), dtype=torch.long)  # (N,)
     train_data, val_data = split_data(data, cfg.block_size, cfg.input)
     print(f"{cfg.input}: {len(text):,} characters, vocabulary {len(chars)}, "
@@ -228,10 +231,11 @@ def main(argv=None):
     (_, learned_val), (_, counted_val) = results.values()
     print(f"gradient descent ends {learned_val - counted_val:+.4f} nats from the count optimum on validation")
 
-    print(f"---- {cfg.max_new_tokens} characters sampled from the trained table ----")
-    model.eval()
-    start = torch.zeros((1, 1), dtype=torch.long, device=device)  # id 0, the smallest character: "\n" here
-    print(decode(model.generate(start, cfg.max_new_tokens)[0, 1:].tolist(), chars))
+    if cfg.max_new_tokens:
+        print(f"---- {cfg.max_new_tokens} characters sampled from the trained table ----")
+        model.eval()
+        start = torch.zeros((1, 1), dtype=torch.long, device=device)  # id 0, the smallest character: "\n" here
+        print(decode(model.generate(start, cfg.max_new_tokens)[0, 1:].tolist(), chars))
 
 
 # ==================================================================================================
@@ -259,6 +263,13 @@ def read_text(path):
     return text
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line that names the flag, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def add_flags(parser, config):
     """One --dashed-name flag per dataclass field that has help, typed and defaulted from the field."""
     for field in dataclasses.fields(config):
@@ -282,6 +293,23 @@ def pick_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: MPS is not available here; use --device cpu")
     return name
+
+
+def check_memory(cfg, vocab_size, device):
+    """Refuse a step that cannot fit in memory. It holds the (B, T, V) logits about four times over
+    (the logits, their log-softmax and both gradients, in float32) and three (B, T) int64 tensors."""
+    need = cfg.batch_size * cfg.block_size * (4 * 4 * vocab_size + 3 * 8)
+    if device == "cuda":
+        have, where = torch.cuda.mem_get_info()[0], "the GPU has free"
+    else:
+        try:
+            have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
+            return
+    if need > have:
+        raise ValueError(f"--batch-size {cfg.batch_size} with --block-size {cfg.block_size} needs about "
+                         f"{need / 2**30:,.1f} GiB for one step, more than the {have / 2**30:,.1f} GiB {where}: "
+                         "lower --batch-size or --block-size")
 
 
 def run_command_line(main):

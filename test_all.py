@@ -428,11 +428,12 @@ def test_bpe_script(tmp_path, capsys):
                           (tmp_path / "empty.txt", "empty.txt: file is empty; pass a text file with --input")]:
         with pytest.raises(SystemExit, match="^error: .*" + re.escape(message) + "$"):
             bpe.main(["--input", str(path), "--out", str(out)])
-    for args in (["--vocab-size", "100"], ["--pattern", "gpt5"]):
+    for args, message in [(["--vocab-size", "100"], r"--vocab-size must be at least 257 \(256 bytes \+ 1 merge\), got 100"),
+                          (["--vocab-size", "x"], "argument --vocab-size: invalid int value: 'x'"),
+                          (["--pattern", "gpt5"], r"argument --pattern: invalid choice: 'gpt5' \(choose from .*gpt4.*\)")]:
         with pytest.raises(SystemExit) as err:
             bpe.main(args + ["--out", str(out)])
-        assert err.value.code == 2
-    assert "--vocab-size must be at least 257" in capsys.readouterr().err
+        assert err.value.code == 2 and re.fullmatch(f"error: {message}; see --help\n", capsys.readouterr().err)
 
 
 def test_bpe_help_lists_flags_with_defaults():
@@ -651,14 +652,47 @@ def test_bigram_generate_follows_the_last_characters_row_and_stays_in_the_vocabu
 
 
 def test_bigram_bad_flags_are_one_line_argparse_errors(capsys):
+    """Each bad flag value is refused before anything runs, in one line that names the flag, then
+    "see --help": not argparse's usage block, nor an overflow from inside torch later on."""
     for argv, message in ((["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
                           (["--block-size", "-3"], "--block-size must be at least 1, got -3"),
+                          (["--eval-interval", "0"], "--eval-interval must be at least 1, got 0"),
+                          (["--eval-iters", "0"], "--eval-iters must be at least 1, got 0"),
+                          (["--max-iters", "0"], "--max-iters must be at least 1, got 0"),
                           (["--learning-rate", "nan"], "--learning-rate must be a positive number, got nan"),
-                          (["--device", "tpu"], "--device must be auto, cpu, cuda or mps, got 'tpu'")):
+                          (["--device", "tpu"], "--device must be auto, cpu, cuda or mps, got 'tpu'"),
+                          (["--seed", str(10**23)], f"--seed must be from 0 to 2**63 - 1, got {10**23}"),
+                          (["--seed", "-1"], "--seed must be from 0 to 2**63 - 1, got -1"),
+                          (["--max-new-tokens", "-1"], "--max-new-tokens must be 0 or more, got -1"),
+                          (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+                          (["--bogus"], "unrecognized arguments: --bogus")):
         with pytest.raises(SystemExit) as exit_info:
             bigram.main(argv)
         assert exit_info.value.code == 2
-        assert capsys.readouterr().err.splitlines()[-1].endswith("error: " + message)
+        assert capsys.readouterr().err == f"error: {message}; see --help\n"
+
+
+def test_bigram_accepts_the_boundary_values(tmp_path, capsys):
+    """The smallest and largest values a flag allows run: no sample at all, seeds 0 and 2**63 - 1."""
+    (tmp_path / "m.txt").write_text(markov_text(1000), encoding="utf-8")
+    flags = ["--input", str(tmp_path / "m.txt"), "--max-iters", "1", "--eval-interval", "1", "--eval-iters", "1",
+             "--batch-size", "1", "--block-size", "1", "--device", "cpu"]
+    for seed in ("0", str(2**63 - 1)):
+        bigram.main([*flags, "--seed", seed, "--max-new-tokens", "0"])
+        out = capsys.readouterr().out
+        assert "gradient descent ends" in out and "sampled" not in out
+
+
+@pytest.mark.skipif(not hasattr(os, "sysconf"), reason="the memory check needs os.sysconf")
+def test_bigram_refuses_a_step_too_big_for_memory_before_allocating(tmp_path):
+    (tmp_path / "m.txt").write_text(markov_text(1000), encoding="utf-8")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    batch = memory // 64 + 1  # with --block-size 8, its int64 windows alone fill the memory
+    with pytest.raises(ValueError, match=rf"^--batch-size {batch} with --block-size 8 needs about [\d,.]+ GiB for one "
+                                         r"step, more than the [\d,.]+ GiB this machine has: lower --batch-size or "
+                                         r"--block-size$"):
+        bigram.main(["--input", str(tmp_path / "m.txt"), "--batch-size", str(batch), "--block-size", "8",
+                     "--device", "cpu"])
 
 
 # Each run of the script pays torch's import (~1 s), so the runs start together and the tests share them.

@@ -564,9 +564,9 @@ def run(args, text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer, benchmark it, "
-                                     "save it; or compare tokenizers (--compare).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description="Train a byte-level BPE tokenizer, benchmark it, "
+                                "save it; or compare tokenizers (--compare).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", default="input.txt", help="UTF-8 text to train on")
     parser.add_argument("--vocab-size", type=int, default=512, help="256 bytes + the merges")
     parser.add_argument("--pattern", choices=list(PATTERNS), default="gpt4",
@@ -647,6 +647,13 @@ def read_text(path):
     if not text:
         raise ValueError(f"{path}: file is empty; pass a text file with --input")
     return text
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line that names the flag, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help\n")
 
 
 def run_command_line(main):
