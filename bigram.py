@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import gc
 import math
+import numbers
 import os
 import sys
 import time
@@ -71,8 +72,8 @@ def encode(text, chars):
 
 
 def decode(ids, chars):
-    """List of ids -> text."""
-    return "".join(chars[i] for i in ids)
+    """List of ids (or a 1-D tensor) -> text."""
+    return "".join(chars[i] for i in checked_ids(ids, len(chars)))
 
 
 def split_data(data, block_size, path):
@@ -293,6 +294,27 @@ def pick_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: MPS is not available here; use --device cpu")
     return name
+
+
+def checked_ids(ids, vocab_size):
+    """ids as a list of ints in 0..vocab_size - 1; a 1-D tensor or array is taken as its list. Anything
+    else is a ValueError that says which id is wrong and what the vocabulary is."""
+    if hasattr(ids, "tolist"):  # a tensor or an array
+        if ids.ndim != 1:
+            raise ValueError(f"ids must be a list of token ids or a 1-D tensor, got shape "
+                             f"{tuple(ids.shape)}: decode each row on its own")
+        ids = ids.tolist()
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise ValueError(f"ids must be a list of token ids or a 1-D tensor, got {ids!r}") from None
+    known = f"ids are 0..{vocab_size - 1} (a vocabulary of {vocab_size})"
+    for i in ids:
+        if type(i) is not int and (isinstance(i, bool) or not isinstance(i, numbers.Integral)):
+            raise ValueError(f"token id {i!r} is not an integer: {known}")
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"unknown token id {i!r}: {known}")
+    return ids
 
 
 def check_memory(cfg, vocab_size, device):

@@ -447,6 +447,32 @@ def test_bpe_help_lists_flags_with_defaults():
                          help_text)
 
 
+def test_decode_checks_its_ids_and_takes_a_tensor_or_an_array(shakespeare_512):
+    """decode of ids outside the vocabulary is a ValueError naming the id and the vocabulary, never a
+    wrong character (chars[-1]) or a token looked up by a float; a 1-D tensor or array is a list of ids."""
+    words, chars = bpe.WordTokenizer("to be, or not to be"), sorted(set("hello"))
+    decoders = {"BPETokenizer.decode": (shakespeare_512.decode, "0..512 (a vocabulary of 513)"),
+                "BPETokenizer.decode_bytes": (lambda ids: shakespeare_512.decode_bytes(ids).decode(),
+                                              "0..512 (a vocabulary of 513)"),
+                "WordTokenizer.decode": (words.decode, "0..6 (a vocabulary of 7)"),
+                "bigram.decode": (lambda ids: bigram.decode(ids, chars), "0..3 (a vocabulary of 4)")}
+    for name, (decode, known) in decoders.items():
+        text = decode([1, 2, 3])
+        assert decode(torch.tensor([1, 2, 3])) == decode(np.array([1, 2, 3])) == decode(iter([1, 2, 3])) == text, name
+        assert decode([np.int64(1), 2, 3]) == text and decode([]) == "", name
+        size = int(known.split("of ")[1][:-1])
+        for bad in ([-1], [1, size], [1.0], [True], torch.tensor([0.0, 1.0])):
+            wrong = bad.tolist()[0] if isinstance(bad, torch.Tensor) else bad[-1]
+            with pytest.raises(ValueError, match=rf"token id {re.escape(repr(wrong))}\b.*: ids are {re.escape(known)}$"):
+                decode(bad)
+        for bad in (torch.tensor([[1, 2]]), np.array([[1], [2]]), 3):
+            with pytest.raises(ValueError, match="^ids must be a list of token ids or a 1-D tensor, got "):
+                decode(bad)
+    cl100k = types.SimpleNamespace(vocab={**{i: b"x" for i in range(5)}, 7: b"<|a|>", 8: b"<|b|>", 10: b"<|c|>"})
+    with pytest.raises(ValueError, match=r"unknown token id 6: ids are 0\.\.4, 7\.\.8, 10 \(a vocabulary of 8\)"):
+        bpe.BPETokenizer.decode_bytes(cl100k, [1, 6])  # special tokens after a gap, as in cl100k_base
+
+
 # ---- tokenizer_bpe.py: words, characters and BPE side by side ----
 
 def test_word_tokenizer_round_trip_unknowns_and_special_tokens():

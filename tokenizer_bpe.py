@@ -32,6 +32,7 @@ import errno
 import heapq
 import io
 import json
+import numbers
 import os
 import re
 import sys
@@ -76,12 +77,7 @@ class WordTokenizer:
         return [self.ids.get(token, unk) for token in self.split(text)]
 
     def decode(self, ids):
-        try:
-            tokens = [self.vocab[i] for i in ids]
-        except (KeyError, TypeError):
-            bad = next(i for i in ids if not isinstance(i, int) or i not in self.vocab)
-            raise ValueError(f"unknown token id {bad!r}: ids are 0..{len(self.vocab) - 1}") \
-                from None
+        tokens = [self.vocab[i] for i in checked_ids(ids, self.vocab)]
         return "".join(token if i == 0 or MARK.fullmatch(token) else " " + token
                        for i, token in enumerate(tokens))
 
@@ -304,12 +300,7 @@ class BPETokenizer:
         return ids
 
     def decode_bytes(self, ids):
-        try:
-            return b"".join(map(self.vocab.__getitem__, ids))
-        except (KeyError, TypeError):
-            bad = next(i for i in ids if i not in self.vocab)
-            raise ValueError(f"unknown token id {bad!r}: ids are 0..{255 + len(self.merges)} and "
-                             f"the special tokens {sorted(self.special_tokens.values())}") from None
+        return b"".join([self.vocab[i] for i in checked_ids(ids, self.vocab)])
 
     def decode(self, ids):
         """Ids -> text. A token can hold half a character: invalid UTF-8 becomes U+FFFD."""
@@ -591,7 +582,39 @@ def main(argv=None):
         sys.exit(f"error: {err}")
 
 
-# ---- machinery: checked paths, files written whole, one-line errors ----
+# ---- machinery: checked input, files written whole, one-line errors ----
+
+def checked_ids(ids, vocab):
+    """ids as a list of the ids vocab holds; a 1-D torch tensor or numpy array is taken as its
+    list. Anything else is a ValueError that says which id is wrong and which ids there are."""
+    if hasattr(ids, "tolist"):  # a tensor or an array
+        if getattr(ids, "ndim", 1) != 1:
+            raise ValueError(f"ids must be a list of token ids or a 1-D tensor, got shape "
+                             f"{tuple(ids.shape)}: decode each row on its own")
+        ids = ids.tolist()
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise ValueError(f"ids must be a list of token ids or a 1-D tensor, got {ids!r}") from None
+    for i in ids:
+        if type(i) is not int and (isinstance(i, bool) or not isinstance(i, numbers.Integral)):
+            raise ValueError(f"token id {i!r} is not an integer: {describe_ids(vocab)}")
+        if i not in vocab:
+            raise ValueError(f"unknown token id {i!r}: {describe_ids(vocab)}")
+    return ids
+
+
+def describe_ids(vocab):
+    """'ids are 0..511, 100257..100260 (a vocabulary of 516)'"""
+    spans = []
+    for i in sorted(vocab):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ("ids are " + ", ".join(f"{a}..{b}" if a < b else str(a) for a, b in spans) +
+            f" (a vocabulary of {len(vocab):,})")
+
 
 def out_problem(path):
     """Why the tokenizer cannot be saved at path, checked before training (and writing nothing);
