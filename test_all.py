@@ -549,9 +549,11 @@ def test_bpe_compare_script_prints_the_table_and_draws_a_png(tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert matplotlib.image.imread(str(png)).shape == (height, width, 4) and width * height > 0
-    small.write_text("Too short.  ", encoding="utf-8")  # the held-out 10 % is two spaces
-    with pytest.raises(SystemExit, match="error: .* too short to compare tokenizers"):
-        bpe.main(["--compare", "--input", str(small), "--out", str(out)])
+    # a text without a word or mark in its training part or in its held-out part: one line, no traceback
+    for text, part in [("Too short.  ", "last 10 %"), ("\n" * 20 + "ab", "first 90 %")]:
+        small.write_text(text, encoding="utf-8")
+        with pytest.raises(SystemExit, match=f"error: .* too short to compare tokenizers: its {part} holds no word"):
+            bpe.main(["--compare", "--input", str(small), "--out", str(out)])
 
 
 # ---- bigram.py ----

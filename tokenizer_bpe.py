@@ -851,9 +851,10 @@ def draw_token_distribution(path, word_tok, held_out, rows):
 def compare(args, text):
     t0 = time.perf_counter()
     train_text, held_out = split_text(text)
-    if not WORD_REGEX.search(held_out):
-        raise ValueError(f"{args.input} is too short to compare tokenizers: its last 10 % holds "
-                         "no word or punctuation mark to measure on")
+    for part, what, doing in ((train_text, "first 90 %", "learn from"), (held_out, "last 10 %", "measure on")):
+        if not WORD_REGEX.search(part):
+            raise ValueError(f"{args.input} is too short to compare tokenizers: its {what} holds no "
+                             f"word or punctuation mark to {doing}")
     n_bytes = len(held_out.encode("utf-8"))
     print(f"trained on the first {len(train_text):,} characters of {args.input}, measured on the "
           f"last {len(held_out):,} ({n_bytes:,} bytes)")
