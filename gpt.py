@@ -109,7 +109,7 @@ class GPTConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The run: data, training, sampling, where files go; and the lab's studies (Part II)."""
+    """The run: data, training, sampling, where files go. (The lab's flags: LabConfig, Part II.)"""
     input: str = flag("input.txt", "training text (UTF-8): a file, a directory (its *.txt, *.jsonl) or a quoted glob")
     out_dir: str = flag("out", "where ckpt.pt, log.csv and loss.png (and token files) are written and read")
     preset: str = flag("auto", "defaults: cpu, gpu, gpt2 (GPT-2's recipe), auto (gpu on CUDA)", choices=("auto", *PRESETS))
@@ -145,17 +145,6 @@ class TrainConfig:
     top_k: int = flag(0, "sample among the k likeliest tokens; 0 = off", COUNT)
     top_p: float = flag(1.0, "nucleus: smallest set with this probability; 1 = off", ("in (0, 1]", lambda x: 0 < x <= 1))
     kv_cache: bool = flag(True, "generate with the KV cache (or recompute the context)")
-    # Part II: each of these replaces training with a study or a benchmark
-    sweep: bool = flag(False, "scaling-law sweep: train every width at every budget")
-    sweep_budgets: str = flag("3e11,1e12,3e12", "training FLOPs of each sweep budget", NUMBERS)
-    sweep_widths: str = flag("16,24,32,48,64", "n_embd of each sweep model", INTEGERS)
-    ablation: str = flag("", "options or depth: every row, every --ablation-seeds", choices=("", "options", "depth"))
-    ablation_seeds: str = flag("1,2,3", "seeds of each ablation row", ("comma-separated integers >= 0",
-                                                                       lambda text: all(int(x) >= 0 for x in text.split(","))))
-    embeddings: bool = flag(False, "show what <out-dir>/ckpt.pt's token embeddings learned")
-    bench_attention: bool = flag(False, "only time sdpa, math and flash for T = 256 ... 16384, and their memory")
-    bench_mem_gib: float = flag(6.0, "memory cap of each --bench-attention case (GiB)", POSITIVE)
-    bench_data: int = flag(0, "only benchmark the data path on corpora of 10 MB up to this many MB", COUNT)
 
 
 # ---- Data: text -> token ids -> random (x, y) windows, y being x shifted by one ---------------
@@ -172,9 +161,8 @@ class CharTokenizer:
     def encode(self, text, allowed_special="all"):  # BPE's special tokens: characters have none
         unknown = [ch for ch in dict.fromkeys(text) if ch not in self.stoi]  # in order of appearance
         if unknown:
-            raise ValueError(f"character {unknown[0]!r} is not in the vocabulary of this character-level model "
-                             f"({len(unknown)} unknown in all); use only characters of its training text, or a "
-                             "--tokenizer bpe model, which encodes any text")
+            raise ValueError(f"character {unknown[0]!r} is not in the vocabulary of this character-level model ({len(unknown)} "
+                             "unknown in all); use only characters of its training text, or a --tokenizer bpe model")
         return [self.stoi[ch] for ch in text]
 
     def decode(self, ids):
@@ -196,8 +184,7 @@ def make_tokenizer(cfg, chars, bpe_sample, log):
 
 @dataclasses.dataclass
 class Data:
-    """A run's text as token ids: data["train"] and data["val"] are a tensor in memory or a token file on disk,
-    indexed alike. The counts make bits per character (char) or per byte (BPE), comparable across tokenizers."""
+    """A run's text as token ids (train and val: a tensor, or a token file on disk, indexed alike) and its counts."""
     tokenizer: object
     train: object
     val: object
@@ -211,9 +198,8 @@ IN_MEMORY_BYTES = 10**7  # up to 10 MB: a text the lecture's way; larger ones, a
 
 
 def load_data(cfg, tokenizer, log):
-    """One text file the lecture's way: read it, make the tokenizer (unless a checkpoint brings one), encode
-    it; its first 90 % trains, the last 10 % validates. A directory, a glob, JSON Lines or a file too large to
-    hold as ids goes through token files on disk instead (Part III), which get_batch reads the same way."""
+    """One text file the lecture's way: read it, make the tokenizer (unless a checkpoint brings one), encode it;
+    the first 90 % trains, the last 10 % validates. A corpus goes through token files on disk (Part III)."""
     if not (os.path.isfile(cfg.input) and not cfg.input.endswith(".jsonl") and os.path.getsize(cfg.input) <= IN_MEMORY_BYTES):
         return load_token_files(cfg, tokenizer, log)
     text = read_text(cfg.input)
@@ -255,8 +241,7 @@ def attention_math(q, k, v, dropout_p=0.0):
 
 
 def attention_sdpa(q, k, v, dropout_p=0.0):
-    """The same in one fused kernel, which never stores the (T, L) weights (a FlashAttention-style kernel on CPU
-    and recent GPUs; Part II writes one)."""
+    """The same in one fused kernel that never stores the (T, L) weights, as FlashAttention (Part II) does."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # the CPU kernel's bf16 backward is 3x slower
         return in_float32(attention_sdpa, q, k, v, dropout_p)  # than its float32 one (README)
     T, L = q.size(2), k.size(2)
@@ -289,7 +274,8 @@ class KVCache:
     """Keys and values of the tokens seen so far, so that each new token costs one position, not T."""
 
     def __init__(self, cfg, batch_size, device, dtype):
-        shape = KVCache.shape(cfg, batch_size)
+        # only n_kv_head heads are stored: grouped-query attention shrinks the cache n_head/n_kv_head times
+        shape = cfg.n_layer, batch_size, cfg.kv_heads(), cfg.block_size, cfg.n_embd // cfg.n_head
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_kv, block, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens cached = the position of the next token
@@ -300,11 +286,6 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    @staticmethod
-    def shape(cfg, batch_size):
-        """Only n_kv_head heads are stored: grouped-query attention shrinks the cache n_head/n_kv_head times."""
-        return cfg.n_layer, batch_size, cfg.kv_heads(), cfg.block_size, cfg.n_embd // cfg.n_head
 
 
 class CausalSelfAttention(nn.Module):
@@ -471,10 +452,9 @@ class GPT(nn.Module):
 
     @torch.inference_mode()  # like no_grad, minus autograd's version bookkeeping: faster per token
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None):
-        """Append max_new_tokens sampled tokens to idx (B, T). With the cache, the prompt is processed once, then
-        one token per step; without, the whole context every step. Past block_size the context slides to the
-        newest half block, which the cache re-processes: every token sees at least block/2 of context, and the
-        re-processing comes once per block/2 tokens, not at every token."""
+        """Append max_new_tokens sampled tokens to idx (B, T): with the cache, the prompt once, then one token per
+        step; without, the whole context every step. Past block_size the context slides to the newest half block
+        (re-processed by the cache): each token sees at least block/2, and the re-processing is once per block/2."""
         if idx.size(1) == 0:
             raise ValueError("the prompt holds no tokens: give at least one (gpt.py starts an empty --prompt "
                              "from start_ids)")
@@ -524,14 +504,6 @@ def sample_next_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(probs, num_samples=1, generator=generator)  # renormalises by itself
 
 
-def check_sampling(temperature, top_k, top_p):
-    """generate's and sample_next_token's settings, checked by the rules of the flags of the same names."""
-    rules = {field.name: field.metadata.get("valid") for field in dataclasses.fields(TrainConfig)}
-    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
-        if not rules[name][1](value) or (name == "top_k" and not isinstance(value, int)):
-            raise ValueError(f"{name} must be {rules[name][0]}, got {value}")
-
-
 def start_ids(tokenizer):
     """What an empty prompt starts from: a newline, after which every speech of the text begins; in a
     character vocabulary without one, its first character."""
@@ -552,22 +524,12 @@ def print_sample(model, tokenizer, cfg, device):
     print(tokenizer.decode(out[0, 0 if cfg.prompt else len(prompt_ids):].tolist()))
     mc = model.cfg
     if cfg.kv_cache:
-        cache_bytes = 2 * math.prod(KVCache.shape(mc, 1)) * model.wte.weight.element_size()  # keys and values
+        cache = KVCache(mc, 1, "meta", model.wte.weight.dtype)  # on the meta device: shapes, no memory
+        cache_bytes = cache.k.nbytes + cache.v.nbytes
         cache_note = f"KV cache {cache_bytes / 1024:.0f} KiB ({mc.kv_heads()} of {mc.n_head} heads keep K/V)"
     else:
         cache_note = "no KV cache: the whole context recomputed for every token"
     print(f"generated {cfg.max_new_tokens} tokens in {elapsed:.2f} s: {cfg.max_new_tokens / elapsed:.0f} tokens/s, {cache_note}")
-
-
-def sample(cfg, given=frozenset(), attention=None):
-    """python gpt.py --sample: a sample from <out-dir>/ckpt.pt; attention, if given, replaces the checkpoint's choice."""
-    ignored = sorted(given - SAMPLE_FLAGS)  # the model, its tokenizer and its settings come from the checkpoint
-    if ignored:
-        print(f"note: --sample takes the model from the checkpoint, so it ignores --{', --'.join(ignored)}".replace(
-            "_", "-"), file=sys.stderr)
-    device = pick_device(cfg.device)
-    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, attention)
-    print_sample(model, tokenizer_from_state(ckpt["tokenizer"]), cfg, device)
 
 
 # ---- Training: the schedule, the optimizer, evaluation ----------------------------------------------
@@ -584,10 +546,9 @@ def learning_rate(step, cfg):
 
 
 def orthogonalise(G, dtype=torch.float32, steps=5, eps=1e-7):
-    """Muon's core (Jordan et al., 2024): push every singular value of G (m, n) towards 1, keeping its singular
-    vectors: roughly U Vᵀ of G = U S Vᵀ. An update of equal singular values moves the weights along every
-    direction G found, not just the few that dominate it. The quintic Newton-Schulz iteration needs matmuls
-    only; it leaves the singular values in about [0.7, 1.2] after 5 steps, which trains as well as exactly 1."""
+    """Muon's core (Jordan et al., 2024): every singular value of G (m, n) pushed towards 1, its singular vectors
+    kept (about U Vᵀ of G = U S Vᵀ), so the update moves the weights along every direction G found, not just the
+    few that dominate it. A quintic Newton-Schulz iteration, matmuls only: 5 steps leave them in [0.7, 1.2]."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
     if G.size(0) > G.size(1):
@@ -619,9 +580,8 @@ class Muon(torch.optim.Muon):
 
 
 def make_optimizer(model, cfg, device_type):
-    """AdamW with weight decay on matrices only: biases, LayerNorm gains don't need shrinking.
-    With --optimizer muon, Muon takes the blocks' 2-D matrices; the embeddings and the output layer stay
-    with AdamW (a lookup table's rows are separate vectors, not one linear map to orthogonalise)."""
+    """AdamW, with weight decay on matrices only; with --optimizer muon, Muon takes the blocks' matrices, and the
+    embeddings and the head stay with AdamW (a lookup table's rows are separate vectors, not one linear map)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if cfg.optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2]
     rest = [p for _, p in named if all(p is not h for h in hidden)]
@@ -683,8 +643,7 @@ class Run:
 
 
 def prepare_run(cfg, model_cfg, given, rt):
-    """A new run; or the checkpoint's, to go on with (--resume); or a new run from a checkpoint's weights
-    (--init-from). rt: this process's device and place among torchrun's processes (setup_runtime, Part III)."""
+    """A new run, or the checkpoint's to go on with (--resume), or a new one from a checkpoint's weights (--init-from)."""
     ckpt, model, tokenizer = None, None, None
     if cfg.resume:  # 1) the checkpoint's model and tokenizer, so that the ids mean the same
         ckpt, model, tokenizer, cfg = load_for_resume(cfg, model_cfg, given, rt.device)
@@ -768,9 +727,8 @@ def finish(run, rt, stopped, step_loss):
 
 
 def train(cfg, model_cfg, given=frozenset()):
-    """python gpt.py: train a GPT from scratch, or on from <out-dir>/ckpt.pt (--resume), or from another run's
-    weights (--init-from); given: the flags typed on the command line. Evaluate and save every eval_interval
-    steps and at the end; Ctrl-C (or SIGTERM) finishes the step, saves and stops. Then loss.png and a sample."""
+    """python gpt.py: train, evaluate and save every eval_interval steps and at the end (Ctrl-C or SIGTERM: at the
+    end of the step, then stop); then loss.png and a sample. given: the flags typed on the command line."""
     with claim_out_dir(cfg):  # this run alone writes into --out-dir, and replaces no checkpoint unasked (Part III)
         rt = setup_runtime(cfg)  # the device; under torchrun, this process's rank (Part III)
         run = prepare_run(cfg, model_cfg, given, rt)
@@ -801,6 +759,21 @@ def train(cfg, model_cfg, given=frozenset()):
 # ==============================================================================================
 # Part II — further lessons
 # ==============================================================================================
+
+@dataclasses.dataclass
+class LabConfig:
+    """The lab's flags: each replaces training with a study or a benchmark (main, Part III)."""
+    sweep: bool = flag(False, "scaling-law sweep: train every width at every budget")
+    sweep_budgets: str = flag("3e11,1e12,3e12", "training FLOPs of each sweep budget", NUMBERS)
+    sweep_widths: str = flag("16,24,32,48,64", "n_embd of each sweep model", INTEGERS)
+    ablation: str = flag("", "options or depth: every row, every --ablation-seeds", choices=("", "options", "depth"))
+    ablation_seeds: str = flag("1,2,3", "seeds of each ablation row", ("comma-separated integers >= 0",
+                                                                       lambda text: all(int(x) >= 0 for x in text.split(","))))
+    embeddings: bool = flag(False, "show what <out-dir>/ckpt.pt's token embeddings learned")
+    bench_attention: bool = flag(False, "only time sdpa, math and flash for T = 256 ... 16384, and their memory")
+    bench_mem_gib: float = flag(6.0, "memory cap of each --bench-attention case (GiB)", POSITIVE)
+    bench_data: int = flag(0, "only benchmark the data path on corpora of 10 MB up to this many MB", COUNT)
+
 
 # ---- FlashAttention-2 from scratch (--attention flash) ------------------------------------------
 # attention_math's formula computed tile by tile, so that no (T, L) matrix ever exists: memory grows as T,
@@ -1133,7 +1106,7 @@ def fit_scaling_law(runs):
 
 def quiet_run(cfg, m, steps, run_dir):
     """One run of an experiment, its log unprinted: (its last evaluation's log.csv row, seconds taken)."""
-    run_cfg = dataclasses.replace(cfg, out_dir=run_dir, sweep=False, ablation="", plot=False, max_new_tokens=0,
+    run_cfg = dataclasses.replace(cfg, out_dir=run_dir, plot=False, max_new_tokens=0,
                                   max_iters=steps, eval_interval=steps, log_interval=steps,
                                   overwrite=True)  # a run missing from the experiment's CSV never finished: anew
     t0 = time.perf_counter()
@@ -1160,11 +1133,11 @@ def experiment_vocab_size(cfg):
     return len(build_tokenizer(files, validation_cut(files), cfg, log=lambda line: None).vocab)
 
 
-def scaling_sweep(cfg, model_cfg):
+def scaling_sweep(cfg, model_cfg, lab):
     """Every width at every budget; one CSV row per run in <out-dir>/sweep.csv (finished runs are skipped,
     so an interrupted sweep continues), then the fit and sweep.png."""
-    budgets = [float(b) for b in cfg.sweep_budgets.split(",")]
-    widths = [int(w) for w in cfg.sweep_widths.split(",")]
+    budgets = [float(b) for b in lab.sweep_budgets.split(",")]
+    widths = [int(w) for w in lab.sweep_widths.split(",")]
     vocab_size = experiment_vocab_size(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     csv_path = os.path.join(cfg.out_dir, "sweep.csv")
@@ -1376,15 +1349,15 @@ def kept_step_times(rows, variants, path):
     return [kept[key] for key in keys]
 
 
-def ablation(cfg, model_cfg):
-    """Every row of ABLATIONS[cfg.ablation] for every seed, after the same steps (--max-iters) and after
+def ablation(cfg, model_cfg, lab):
+    """Every row of ABLATIONS[lab.ablation] for every seed, after the same steps (--max-iters) and after
     the same time (as many steps as the row takes in the time GPT-2 takes for --max-iters). One CSV row per
     run in <out-dir>/ablation.csv (finished runs are skipped: an interrupted ablation continues)."""
-    rows, seeds = ABLATIONS[cfg.ablation], [int(s) for s in cfg.ablation_seeds.split(",")]
+    rows, seeds = ABLATIONS[lab.ablation], [int(s) for s in lab.ablation_seeds.split(",")]
     m = dataclasses.replace(model_cfg, vocab_size=experiment_vocab_size(cfg))
     variants = [with_settings(cfg, m, settings) for _, settings in rows]
     os.makedirs(cfg.out_dir, exist_ok=True)
-    timed = cfg.ablation == "options"  # depth: every row costs the same, so only the same steps
+    timed = lab.ablation == "options"  # depth: every row costs the same, so only the same steps
     per_step = [math.nan] * len(rows)
     if timed:
         per_step = kept_step_times(rows, variants, os.path.join(cfg.out_dir, "step_times.json"))
@@ -1426,13 +1399,13 @@ def mean_spread(values):
 
 # ---- The data path at scale, measured (--bench-data): memory flat in the corpus size, time linear ----
 
-def bench_data(cfg, keep):
+def bench_data(cfg, max_mb, keep):
     """Generated corpora of 10 MB, 100 MB, ... up to --bench-data MB, each tokenized with characters and
     with BPE 4096 and then trained on for 50 steps, each case in a fresh process so that its peak memory
     (RSS) is its own. Everything is written into --out-dir when one is given (and kept, so the corpora
     are made once), else into a temporary directory, removed at the end."""
     root = cfg.out_dir if keep else tempfile.mkdtemp(prefix="gpt-bench-data-")
-    sizes = sorted({*(10 ** k for k in range(1, 7) if 10 ** k < cfg.bench_data), cfg.bench_data})
+    sizes = sorted({*(10 ** k for k in range(1, 7) if 10 ** k < max_mb), max_mb})
     load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     print(f"data path: corpora of 1 MB files (speeches of input.txt in random order) in {root}; each case "
           f"tokenizes, then trains the cpu preset's model 50 steps ({os.cpu_count()} cores{load})")
@@ -1782,8 +1755,7 @@ def written_whole(paths):
 
 
 class TokenFile:
-    """A token file as an array of ids through a memory map: reading a window loads only the pages it touches,
-    and gives them back after (madvise, where there is one: they stay cached, but not counted as ours)."""
+    """A token file as ids through a memory map: a read loads only the pages it touches, and gives them back."""
 
     def __init__(self, path, dtype):
         with open(path, "rb") as f:  # an empty file cannot be mapped: it is an empty array
@@ -1902,13 +1874,18 @@ def load_checkpoint(path, device, attention=None):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a gpt.py checkpoint of format {CHECKPOINT_FORMAT}; train again with this gpt.py")
     try:
-        TrainConfig(**ckpt["train_config"])
         model = GPT(GPTConfig(**{**ckpt["model_config"], **({"attention": attention} if attention else {})}))
         model.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0]
         raise ValueError(f"{path}: checkpoint does not match this gpt.py's model ({first_line}); train again") from None
     return ckpt, model.to(device)
+
+
+def saved_train_config(ckpt):
+    """The checkpoint's run settings; any this gpt.py no longer has (an older file's) are left out."""
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{name: value for name, value in ckpt["train_config"].items() if name in known})
 
 
 def save_run(run, rt):
@@ -1933,7 +1910,7 @@ def load_for_resume(cfg, model_cfg, given, device):
     """The checkpoint, its model and tokenizer, and its run's settings, except what this command line
     sets again (say, a larger --max-iters); flags that fix the model must agree with it."""
     ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, model_cfg.attention if "attention" in given else None)
-    saved = TrainConfig(**ckpt["train_config"])
+    saved = saved_train_config(ckpt)
     check_unchanged(given, (model_cfg, cfg), (model.cfg, saved))
     cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
     return ckpt, model, tokenizer_from_state(ckpt["tokenizer"]), cfg
@@ -1942,7 +1919,7 @@ def load_for_resume(cfg, model_cfg, given, device):
 def load_for_fine_tuning(cfg, model_cfg, given, device):
     """The --init-from checkpoint's model and tokenizer; model flags given must agree with it."""
     ckpt, model = load_checkpoint(cfg.init_from, device, model_cfg.attention if "attention" in given else None)
-    check_unchanged(given, (model_cfg, cfg), (model.cfg, TrainConfig(**ckpt["train_config"])),
+    check_unchanged(given, (model_cfg, cfg), (model.cfg, saved_train_config(ckpt)),
                     "when fine-tuning (--init-from)")
     return model, tokenizer_from_state(ckpt["tokenizer"])
 
@@ -2054,8 +2031,7 @@ LOG_COLUMNS = ["step", "tokens", "flops", "seconds", "lr", "train_loss", "val_lo
 
 
 def start_log_csv(out_dir, ckpt):
-    """<out-dir>/log.csv anew, or a resumed run's rows up to its checkpoint (the later ones are redone), written
-    whole; a row per evaluation and per log line. Returns the seconds the kept rows end at."""
+    """<out-dir>/log.csv anew, or a resumed run's rows up to its checkpoint; returns the seconds they end at."""
     path, kept = os.path.join(out_dir, "log.csv"), []
     if ckpt and os.path.exists(path):
         with open(path, encoding="utf-8", newline="") as f:
@@ -2087,20 +2063,17 @@ def format_cell(value):
 def stop_on_signals(stop):
     """Within: Ctrl-C (SIGINT) and SIGTERM (kill, job schedulers, torchrun) only set stop["requested"], for the
     loop to act on between steps; a second signal of the same kind acts as it would outside."""
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.getsignal(signum) or signal.SIG_DFL for signum in signals}  # None: not set by Python
-
     def request_stop(signum, frame):
         stop["requested"] = True
         signal.signal(signum, previous[signum])
 
-    for signum in signals:
-        signal.signal(signum, request_stop)
+    previous = {signum: signal.signal(signum, request_stop) or signal.SIG_DFL  # None: not set from Python
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for signum in signals:
-            signal.signal(signum, previous[signum])
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def save_and_say_how_to_resume(run, rt):
@@ -2225,8 +2198,7 @@ def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
 
 
 def stop_agreed(run, rt):
-    """Whether to stop now. With several ranks every one must agree, or the others would wait forever for
-    its gradients; they ask at log steps only, as asking is a sync."""
+    """Whether to stop now; every rank must agree (at log steps, as asking is a sync), or the others would hang."""
     if rt.world_size == 1:
         return rt.stop["requested"]
     if run.step % run.cfg.log_interval:
@@ -2338,6 +2310,7 @@ def parse_args(argv=None):
         parser.error = lambda message: parser.exit(2, f"error: {message}; see --help\n")  # one line, not the usage
         add_flags(parser, GPTConfig())
         add_flags(parser, TrainConfig())
+        add_flags(parser, LabConfig())
         return parser
 
     first = flag_parser(add_help=False).parse_known_args(argv)[0]
@@ -2350,12 +2323,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     model_cfg = GPTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    lab = LabConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LabConfig)})
     problem = config_problem(model_cfg, cfg)
     if problem:
         parser.error(problem)
     parser.set_defaults(**{name: None for name in vars(args)})  # parse again: what is not None was typed
     given = frozenset(name for name, value in vars(parser.parse_args(argv)).items() if value is not None)
-    return model_cfg, cfg, given
+    return model_cfg, cfg, given, lab
 
 
 def config_problem(m, c):
@@ -2371,25 +2345,44 @@ def config_problem(m, c):
     return None
 
 
+def check_sampling(temperature, top_k, top_p):
+    """generate's and sample_next_token's settings, checked by the rules of the flags of the same names."""
+    rules = {field.name: field.metadata.get("valid") for field in dataclasses.fields(TrainConfig)}
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        if not rules[name][1](value) or (name == "top_k" and not isinstance(value, int)):
+            raise ValueError(f"{name} must be {rules[name][0]}, got {value}")
+
+
 # The flags --sample uses; the model, its tokenizer and its training settings come from the checkpoint.
 SAMPLE_FLAGS = {"out_dir", "device", "seed", "sample", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
                 "kv_cache", "attention"}
 
 
+def sample(cfg, given=frozenset(), attention=None):
+    """python gpt.py --sample: a sample from <out-dir>/ckpt.pt; attention, if given, replaces the checkpoint's choice."""
+    ignored = sorted(given - SAMPLE_FLAGS)  # the model, its tokenizer and its settings come from the checkpoint
+    if ignored:
+        print(f"note: --sample takes the model from the checkpoint, so it ignores --{', --'.join(ignored)}".replace(
+            "_", "-"), file=sys.stderr)
+    device = pick_device(cfg.device)
+    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, attention)
+    print_sample(model, tokenizer_from_state(ckpt["tokenizer"]), cfg, device)
+
+
 def main(argv=None):
     gc.freeze()  # torch's 160k objects live until exit: exempt them from garbage collection (0.5 s)
-    model_cfg, cfg, given = parse_args(argv)
-    if cfg.bench_attention:
-        bench_attention(pick_device(cfg.device), cfg.bench_mem_gib)
-    elif cfg.bench_data:
-        bench_data(cfg, "out_dir" in given)
+    model_cfg, cfg, given, lab = parse_args(argv)
+    if lab.bench_attention:
+        bench_attention(pick_device(cfg.device), lab.bench_mem_gib)
+    elif lab.bench_data:
+        bench_data(cfg, lab.bench_data, "out_dir" in given)
     elif cfg.sample:
         sample(cfg, given, model_cfg.attention if "attention" in given else None)
-    elif cfg.sweep:
-        scaling_sweep(cfg, model_cfg)
-    elif cfg.ablation:
-        ablation(cfg, model_cfg)
-    elif cfg.embeddings:
+    elif lab.sweep:
+        scaling_sweep(cfg, model_cfg, lab)
+    elif lab.ablation:
+        ablation(cfg, model_cfg, lab)
+    elif lab.embeddings:
         show_embeddings(cfg)
     else:
         train(cfg, model_cfg, given)

@@ -1373,6 +1373,7 @@ def test_checkpoints_of_format_1_without_the_modern_options_still_load(tmp_path)
         del old["model_config"][key]
     for key in ("optimizer", "muon_lr", "dtype"):
         del old["train_config"][key]
+    old["train_config"].update(sweep=False, ablation="", bench_data=0)  # flags that have left the run's settings
     torch.save(old, path)
     ckpt, loaded = gpt.load_checkpoint(path, "cpu")
     assert ckpt["format"] == 1 and loaded.cfg == model.cfg
@@ -1696,7 +1697,7 @@ def check_gpt_log(out, text, tokenizer, flags, world_size=1):
     """Every number a fresh gpt.py training run prints, against the same number found another way. text: the
     input, or a list of ten documents that end without a line break (a corpus: the tenth validates).
     Returns {step: (train loss, val loss)} of the evaluations and {step: loss} of the progress lines."""
-    model_cfg, cfg, _ = gpt.parse_args(flags)
+    model_cfg, cfg, *_ = gpt.parse_args(flags)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer.vocab))
     if isinstance(text, list):
         train_text, val_text = "\n\n".join(text[:9]), text[9]  # a blank line between documents
@@ -1734,7 +1735,7 @@ def check_gpt_log(out, text, tokenizer, flags, world_size=1):
 def evaluate_checkpoint(path, text, flags):
     """(train loss, val loss) of a saved model, computed here on the batches the script evaluates on:
     eval_iters batches of each split, drawn from a generator seeded with the run's seed."""
-    _, cfg, _ = gpt.parse_args(flags)
+    _, cfg, *_ = gpt.parse_args(flags)
     ckpt, model = gpt.load_checkpoint(path, "cpu")
     tokenizer = gpt.tokenizer_from_state(ckpt["tokenizer"])
     cut, losses = int(0.9 * len(text)), []
@@ -1921,7 +1922,7 @@ def data_parallel_steps(ckpt_path, data, flags, world_size):
     """What DDP training should do from a checkpoint, written out in one process: at each step every
     rank draws grad_accum micro-batches of data from its own generator, and the update uses the mean
     over the ranks of each rank's mean loss. Returns each rank's loss at the last step."""
-    _, cfg, _ = gpt.parse_args(flags)
+    _, cfg, *_ = gpt.parse_args(flags)
     ckpt, model = gpt.load_checkpoint(ckpt_path, "cpu")
     optimizer = gpt.make_optimizer(model.train(), cfg, "cpu")
     optimizer.load_state_dict(ckpt["optimizer"])
