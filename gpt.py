@@ -40,6 +40,8 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, redirect_stdout, suppress
 
@@ -166,7 +168,7 @@ class CharTokenizer:
         return [self.stoi[ch] for ch in text]
 
     def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
+        return "".join(self.chars[i] for i in checked_ids(ids, len(self.chars)))
 
 
 def make_tokenizer(cfg, chars, bpe_sample, log):
@@ -202,7 +204,7 @@ def load_data(cfg, tokenizer, log):
     the first 90 % trains, the last 10 % validates. A corpus goes through token files on disk (Part III)."""
     if not (os.path.isfile(cfg.input) and not cfg.input.endswith(".jsonl") and os.path.getsize(cfg.input) <= IN_MEMORY_BYTES):
         return load_token_files(cfg, tokenizer, log)
-    text = read_text(cfg.input)
+    text = unicodedata.normalize("NFC", read_text(cfg.input))  # é one character, never e + a combining accent
     cut = int(0.9 * len(text))
     train_text, val_text = text[:cut], text[cut:]
     tokenizer = tokenizer or make_tokenizer(cfg, set(text), train_text[:int(cfg.bpe_sample_mb * 1e6)], log)
@@ -451,13 +453,12 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.inference_mode()  # like no_grad, minus autograd's version bookkeeping: faster per token
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None,
+                 on_token=None):
         """Append max_new_tokens sampled tokens to idx (B, T): with the cache, the prompt once, then one token per
         step; without, the whole context every step. Past block_size the context slides to the newest half block
         (re-processed by the cache): each token sees at least block/2, and the re-processing is once per block/2."""
-        if idx.size(1) == 0:
-            raise ValueError("the prompt holds no tokens: give at least one (gpt.py starts an empty --prompt "
-                             "from start_ids)")
+        check_generate(idx, max_new_tokens, self.cfg.vocab_size)
         check_sampling(temperature, top_k, top_p)
         was_training = self.training
         self.eval()  # no dropout while generating
@@ -477,6 +478,8 @@ class GPT(nn.Module):
                 logits, _ = self(context)
             next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
+            if on_token:  # say, print it: what is shown stays shown, even if Ctrl-C ends the rest
+                on_token(idx)
         self.train(was_training)
         return idx
 
@@ -501,7 +504,11 @@ def sample_next_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the better tokens
         sorted_probs[before >= top_p] = 0.0  # keep the smallest prefix whose total reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # renormalises by itself
+    try:
+        return torch.multinomial(probs, num_samples=1, generator=generator)  # renormalises by itself
+    except RuntimeError:  # nan or inf logits: there is no distribution to draw from
+        raise ValueError("the model's next-token probabilities are not finite (nan): its weights are broken; "
+                         "train it again") from None
 
 
 def start_ids(tokenizer):
@@ -514,19 +521,28 @@ def start_ids(tokenizer):
 
 
 def print_sample(model, tokenizer, cfg, device):
-    """A sample after --prompt, or after start_ids, which stay unshown; then how fast it came."""
-    prompt_ids = tokenizer.encode(cfg.prompt, allowed_special="all") if cfg.prompt else start_ids(tokenizer)
+    """A sample after --prompt, or after start_ids, which stay unshown, printed as it comes; then its speed."""
+    prompt_ids = tokenizer.encode(unicodedata.normalize("NFC", cfg.prompt), allowed_special="all") if cfg.prompt \
+        else start_ids(tokenizer)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    shown = 0 if cfg.prompt else len(prompt_ids)  # tokens printed so far
+
+    def show(idx, last=False):  # print the tokens not shown yet; a BPE token may end inside a character: it waits
+        nonlocal shown
+        text = tokenizer.decode(idx[0, shown:].tolist())
+        if last or not text.endswith("\ufffd"):
+            print(text, end="", flush=True)
+            shown = idx.size(1)
     t0 = time.perf_counter()
-    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.kv_cache, generator)
+    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.kv_cache, generator, show)
     elapsed = time.perf_counter() - t0
-    print(tokenizer.decode(out[0, 0 if cfg.prompt else len(prompt_ids):].tolist()))
+    show(out, last=True)
+    print()
     mc = model.cfg
     if cfg.kv_cache:
         cache = KVCache(mc, 1, "meta", model.wte.weight.dtype)  # on the meta device: shapes, no memory
-        cache_bytes = cache.k.nbytes + cache.v.nbytes
-        cache_note = f"KV cache {cache_bytes / 1024:.0f} KiB ({mc.kv_heads()} of {mc.n_head} heads keep K/V)"
+        cache_note = f"KV cache {(cache.k.nbytes + cache.v.nbytes) / 1024:.0f} KiB ({mc.kv_heads()} of {mc.n_head} heads keep K/V)"
     else:
         cache_note = "no KV cache: the whole context recomputed for every token"
     print(f"generated {cfg.max_new_tokens} tokens in {elapsed:.2f} s: {cfg.max_new_tokens / elapsed:.0f} tokens/s, {cache_note}")
@@ -635,6 +651,7 @@ class Run:
     autocast: object  # the run's precision (make_autocast)
     tokens_per_step: int
     step: int = 0
+    tokens: int = 0  # seen so far, across resumes (the batch may change on --resume)
     best_val_loss: float = math.inf
     resumed: bool = False
     local_loss: float = math.nan  # this rank's loss at the last log line, before the all-reduce (torchrun)
@@ -665,6 +682,7 @@ def prepare_run(cfg, model_cfg, given, rt):
 
 def evaluate_and_save(run, rt):
     """Rank 0 evaluates both splits, logs (bits per character or byte beside nats per token), and saves."""
+    stop_if_diverged(run)  # never replace a good checkpoint with broken weights (Part III)
     if rt.master:
         splits = {"train": run.data.train, "val": run.data.val}
         losses = estimate_loss(run.model, splits, run.cfg, run.model.cfg.block_size, rt.device, run.autocast)
@@ -698,6 +716,7 @@ def training_step(model, run, rt):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    run.tokens += run.tokens_per_step
     return lr, step_loss
 
 
@@ -706,6 +725,7 @@ def log_progress(run, rt, lr, step_loss):
     run.local_loss = step_loss.item()  # this rank's batches only
     if rt.world_size > 1:
         dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    stop_if_diverged(run, step_loss.item())
     seconds, steps = time.perf_counter() - run.last_log[0], run.step - run.last_log[1]
     rt.log(f"step {run.step}: loss {step_loss.item():.4f}, lr {lr:.2e}, {1000 * seconds / steps:.1f} ms/step, "
            f"{run.tokens_per_step * steps / seconds:,.0f} tokens/s")
@@ -717,13 +737,15 @@ def log_progress(run, rt, lr, step_loss):
 def finish(run, rt, stopped, step_loss):
     """Rank 0 draws loss.png (Part II) and, unless the run was stopped, prints a sample."""
     end_data_parallel(rt, run, step_loss)
+    ckpt, log, png = (os.path.join(run.cfg.out_dir, name) for name in ("ckpt.pt", "log.csv", "loss.png"))
     if rt.master and run.cfg.plot:
         m, n_params = run.model.cfg, sum(p.numel() for p in run.model.parameters())
-        plot_losses(os.path.join(run.cfg.out_dir, "log.csv"), os.path.join(run.cfg.out_dir, "loss.png"),
-                    f"{n_params / 1e6:.2f} M parameters ({m.n_layer} layers, {m.n_embd} wide) on "
-                    f"{os.path.basename(os.path.normpath(run.cfg.input))}")
+        plot_losses(log, png, f"{n_params / 1e6:.2f} M parameters ({layers(m)}, {m.n_embd} wide) on "
+                              f"{os.path.basename(os.path.normpath(run.cfg.input))}")
     if rt.master and not stopped and run.cfg.max_new_tokens > 0:
         print_sample(run.model, run.data.tokenizer, run.cfg, rt.device)
+    if not stopped:
+        rt.log(f"saved {ckpt}, {log}" + f" and {png}" * run.cfg.plot)
 
 
 def train(cfg, model_cfg, given=frozenset()):
@@ -1022,6 +1044,13 @@ def new_figure():
     return plt, *plt.subplots(figsize=(7, 4.5))
 
 
+def save_figure(plt, fig, path):
+    """The picture as a PNG file, written whole or not at all (a full disk is a one-line error)."""
+    with replaced_whole(path, "the picture") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_losses(csv_path, png_path, title):
     """loss.png: the logged training loss, and train/val loss at each evaluation, against tokens seen."""
     rows = read_csv(csv_path)
@@ -1037,8 +1066,7 @@ def plot_losses(csv_path, png_path, title):
     ax.set(xlabel="tokens seen", ylabel="loss (nats/token)", title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.savefig(png_path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(plt, fig, png_path)
 
 
 # ---- Experiments: scaling laws, Chinchilla's iso-FLOP method -------------------------------------
@@ -1138,6 +1166,11 @@ def scaling_sweep(cfg, model_cfg, lab):
     so an interrupted sweep continues), then the fit and sweep.png."""
     budgets = [float(b) for b in lab.sweep_budgets.split(",")]
     widths = [int(w) for w in lab.sweep_widths.split(",")]
+    step = model_cfg.n_head * (2 if model_cfg.rope else 1)  # each head the same size (even, to rotate pairs)
+    if any(w % step for w in widths):
+        raise ValueError(f"--sweep-widths {next(w for w in widths if w % step)} does not split into --n-head "
+                         f"{model_cfg.n_head} heads{' of even size (--rope)' if model_cfg.rope else ''}: give widths "
+                         f"divisible by {step}")
     vocab_size = experiment_vocab_size(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     csv_path = os.path.join(cfg.out_dir, "sweep.csv")
@@ -1167,7 +1200,10 @@ def scaling_sweep(cfg, model_cfg, lab):
     for o in optima:
         print(f"C = {o['flops']:.0e}: N* = {o['n_star']:,.0f}, D* = {o['d_star']:,.0f} tokens "
               f"({o['d_star'] / o['n_star']:.1f} tokens per parameter), loss {o['loss_star']:.4f}")
-    print(f"N* ∝ C^{a:.2f}, D* ∝ C^{b:.2f} (Chinchilla: 0.50, 0.50); loss frontier L* ∝ C^-{alpha:.3f}")
+    if len(optima) > 1:
+        print(f"N* ∝ C^{a:.2f}, D* ∝ C^{b:.2f} (Chinchilla: 0.50, 0.50); loss frontier L* ∝ C^-{alpha:.3f}")
+    else:
+        print("one budget: no exponent to fit; give two or more --sweep-budgets for how N* and D* grow with C")
     plot_sweep(runs, optima, os.path.join(cfg.out_dir, "sweep.png"))
     return optima, a, b, alpha
 
@@ -1183,8 +1219,7 @@ def plot_sweep(runs, optima, png_path):
     ax.set(xlabel="N (matmul parameters)", ylabel="val loss (nats/token)", title="iso-FLOP curves; ★ = optimal size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.savefig(png_path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(plt, fig, png_path)
 
 
 # ---- Experiments: what the embeddings learned (--embeddings) -------------------------------------
@@ -1223,9 +1258,12 @@ def char_groups(chars):
 
 
 def case_twin_similarity(emb, chars):
-    """Mean cosine of each lowercase letter with its uppercase twin, and with the other uppercase letters."""
+    """Mean cosine of each lowercase letter with its uppercase twin, and with the other uppercase letters;
+    None with fewer than two such pairs."""
     unit = F.normalize(emb.float(), dim=1)
     pairs = [(chars.index(c), chars.index(c.upper())) for c in "abcdefghijklmnopqrstuvwxyz" if c in chars and c.upper() in chars]
+    if len(pairs) < 2:
+        return None
     upper = [u for _, u in pairs]
     twin = sum((unit[lo] @ unit[up]).item() for lo, up in pairs) / len(pairs)
     other = sum((unit[lo] @ unit[u]).item() for lo, up in pairs for u in upper if u != up) / (len(pairs) * (len(pairs) - 1))
@@ -1233,35 +1271,57 @@ def case_twin_similarity(emb, chars):
 
 
 def show_embeddings(cfg):
-    """Nearest neighbours of a few tokens, the char groups trained vs untrained, and embeddings.png."""
+    """Nearest neighbours of a few tokens, the char groups trained vs untrained, and embeddings.png; for any
+    vocabulary, saying what it leaves out."""
     ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "cpu")
     tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     emb = model.wte.weight.detach()
     torch.manual_seed(cfg.seed)
     untrained = GPT(model.cfg).wte.weight.detach()  # same shape and init, no training: the baseline
     name = lambda i: repr(tokenizer.decode([i]))  # noqa: E731
-    if isinstance(tokenizer, CharTokenizer):
-        probes = [tokenizer.chars.index(c) for c in "aeAE1.;\n" if c in tokenizer.chars]
+    chars = getattr(tokenizer, "chars", None)  # a character vocabulary, or None for BPE
+    if chars:
+        probes = [chars.index(c) for c in "aeAE1.;\n" if c in chars] or list(range(min(8, len(chars))))
     else:
-        probes = frequent_words(tokenizer, read_text(cfg.input), 8)
+        probes = frequent_words(tokenizer, ckpt.get("train_config", {}).get("input", cfg.input), 8)
     for i, neighbours in zip(probes, cosine_neighbours(emb, probes)):
         print(f"{name(i):>10} -> " + ", ".join(f"{name(j)} {s:.2f}" for j, s in neighbours))
-    if isinstance(tokenizer, CharTokenizer):
+    groups = char_groups(chars) if chars else {}
+    if len(groups) >= 2:  # within one group against between groups
         print(f"{'group':>12} {'trained: within / between':>26} {'untrained: within / between':>28}")
-        trained, fresh = group_similarity(emb, char_groups(tokenizer.chars)), group_similarity(untrained, char_groups(tokenizer.chars))
+        trained, fresh = group_similarity(emb, groups), group_similarity(untrained, groups)
         for g in trained:
             print(f"{g:>12} {trained[g][0]:12.3f} / {trained[g][1]:.3f} {fresh[g][0]:15.3f} / {fresh[g][1]:.3f}")
-        (twin, other), (twin0, other0) = case_twin_similarity(emb, tokenizer.chars), case_twin_similarity(untrained, tokenizer.chars)
+    elif chars:
+        print("fewer than two groups (vowels, consonants, capitals, digits, marks) in this vocabulary: no group table")
+    twins = case_twin_similarity(emb, chars) if chars else None
+    if twins:
+        (twin, other), (twin0, other0) = twins, case_twin_similarity(untrained, chars)
         print(f"lowercase letter vs its uppercase twin: {twin:.3f} (other uppercase {other:.3f}); untrained {twin0:.3f} ({other0:.3f})")
-    plot_embeddings(emb, [tokenizer.decode([i]) for i in range(emb.size(0))], os.path.join(cfg.out_dir, "embeddings.png"))
+    elif chars:
+        print("fewer than two letters in both cases in this vocabulary: no case-twin comparison")
+    png = os.path.join(cfg.out_dir, "embeddings.png")
+    plot_embeddings(emb, [tokenizer.decode([i]) for i in range(emb.size(0))], png)
+    print(f"saved {png}")
 
 
-def frequent_words(tokenizer, text, n):
-    """The n most frequent BPE tokens of the text that are whole words (a space and 3+ letters)."""
-    counts = torch.bincount(torch.tensor(tokenizer.encode(text[: int(0.9 * len(text))], allowed_special="all")), minlength=len(tokenizer.vocab))
-    words = [i for i in counts.argsort(descending=True).tolist()
-             if len(tokenizer.decode([i])) >= 4 and tokenizer.decode([i])[0] == " " and tokenizer.decode([i])[1:].isalpha()]
-    return words[:n]
+def frequent_words(tokenizer, input_spec, n):
+    """The n most frequent tokens of the first MB of the model's training text that are whole words (a space
+    and 3+ letters), the most frequent tokens of any kind after them; without the text, the last n merges."""
+    text = ""
+    try:
+        for piece in (piece for doc in documents(input_files(input_spec)) for piece in doc):
+            text += piece
+            if len(text) >= 10**6:
+                break
+    except ValueError as err:
+        print(f"note: cannot re-read the training text ({err}): the last {n} merges are shown instead")
+        return list(range(len(tokenizer.vocab) - n, len(tokenizer.vocab)))
+    counts = torch.bincount(torch.tensor(tokenizer.encode(text, allowed_special="all"), dtype=torch.long),
+                            minlength=len(tokenizer.vocab))
+    ranked = [i for i in counts.argsort(descending=True).tolist() if counts[i] > 0]
+    is_word = lambda i: (lambda t: len(t) >= 4 and t[0] == " " and t[1:].isalpha())(tokenizer.decode([i]))  # noqa: E731
+    return ([i for i in ranked if is_word(i)] + [i for i in ranked if not is_word(i)])[:n]
 
 
 def plot_embeddings(emb, labels, png_path, max_labels=120):
@@ -1274,8 +1334,9 @@ def plot_embeddings(emb, labels, png_path, max_labels=120):
     for i in range(min(len(labels), max_labels)):
         ax.annotate(repr(labels[i])[1:-1], xy[i].tolist(), fontsize=7)
     ax.set(xlabel="principal direction 1", ylabel="principal direction 2", title="token embeddings (PCA)")
-    fig.savefig(png_path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    with warnings.catch_warnings():  # a character the font lacks (an emoji) is drawn as a box: no need to warn
+        warnings.filterwarnings("ignore", "Glyph .* missing")
+        save_figure(plt, fig, png_path)
 
 
 # ---- Experiments: ablations, what each modern option buys, alone and together (--ablation) ---------
@@ -1503,7 +1564,7 @@ def input_files(spec):
     elif os.path.exists(spec):
         files, what = [spec], ""
     elif any(c in spec for c in "*?["):
-        files, what = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)], "the glob matches no file"
+        files, what = glob_files(spec), "the glob matches no file"
     else:
         files, what = [], "no such file"
     if not files:
@@ -1513,33 +1574,61 @@ def input_files(spec):
     return sorted(files)
 
 
+def glob_files(pattern):
+    """The files a glob matches, ** included, without following links to directories: a link to '.' would
+    repeat every document (and two of them would never end). A file reached twice is read once."""
+    head, sep, tail = pattern.partition("**" + os.sep)
+    if not sep:
+        paths = glob.glob(pattern)
+    else:  # ** matches any depth below head: walk it (os.walk does not follow links), glob the tail in each folder
+        roots = [d for d in glob.glob(head or os.curdir) if os.path.isdir(d)]
+        paths = [p for root in roots for folder, _, _ in os.walk(root) for p in glob_files(os.path.join(folder, tail))]
+    unique = {os.path.realpath(p): p for p in sorted(paths, reverse=True) if os.path.isfile(p)}
+    return sorted(unique.values())
+
+
+SAFE_CUT = re.compile(r"\n(?=\S)|(?<=\S)(?= )")  # where file_pieces may cut: see there
+
+
 def file_pieces(path):
-    """A text file in pieces of about PIECE_CHARS characters. Each piece but the last ends with a line
-    break that a non-space character follows: the GPT-4 split pattern never joins text across such a
-    place, so BPE encodes the pieces one by one into exactly the ids of the whole file."""
+    """A text file in pieces of about PIECE_CHARS characters, NFC-normalised, each cut where no split pattern
+    joins text across (GPT-4's or GPT-2's): after a line break that a non-space follows, or before a space that
+    one follows. So BPE encodes the pieces one by one into exactly the ids of the whole file. Only the text read
+    since the last cut is searched, so the work is linear in the file (a text with no such place: one piece)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            carry = ""
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
+            parts = []  # the text since the last cut, joined only at a cut: linear even with no place to cut
             while block := f.read(PIECE_CHARS):
-                text = carry + block
-                cut = text.rfind("\n", 0, len(text) - 1) + 1
-                while cut > 0 and text[cut].isspace():
-                    cut = text.rfind("\n", 0, cut - 1) + 1
-                if cut > 0:
-                    yield text[:cut]
-                carry = text[cut:]  # no such line break in it (rare: one long line): read on
-            if carry:
-                yield carry
+                last = parts.pop() if parts else ""  # its end normalised again with the block: a mark may follow its letter
+                parts.append(last[:-16])
+                block = unicodedata.normalize("NFC", last[-16:] + block)
+                cut = last_cut(block, 1)
+                if 0 < cut < len(block):
+                    yield "".join(parts) + block[:cut]
+                    parts, block = [], block[cut:]
+                parts.append(block)
+            if parts:
+                yield "".join(parts)
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
     except OSError as err:
         raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
 
 
+def last_cut(text, start):
+    """The last place in text[start:] where file_pieces may cut (0: none), looked for in the last 4 kB first."""
+    for begin in (max(start, len(text) - 4096), start):
+        cut = max((m.end() for m in SAFE_CUT.finditer(text, begin)), default=0)
+        if cut:
+            return cut
+    return 0
+
+
 def jsonl_texts(path):
-    """The documents of a JSON Lines file, one {"text": ...} per line; blank lines and empty texts skipped."""
+    """The documents of a JSON Lines file, one {"text": ...} per line, NFC-normalised; blank lines and empty texts
+    skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -1547,7 +1636,7 @@ def jsonl_texts(path):
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise TypeError
                 if record["text"]:
-                    yield record["text"]
+                    yield unicodedata.normalize("NFC", record["text"])
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
     except (ValueError, TypeError):
@@ -1680,9 +1769,8 @@ def prepare_token_files(cfg, tokenizer, log):
     meta = write_token_files(files, cut, tokenizer, cfg.out_dir, log)
     meta.update(version=1, input=cfg.input, fingerprint=input_fingerprint(files), recipe=recipe,
                 tokenizer=tokenizer_state(tokenizer), seconds=round(time.perf_counter() - t0, 3))
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+    with replaced_whole(meta_path, "the token files' record", "w") as f:
         json.dump(meta, f)
-    os.replace(meta_path + ".tmp", meta_path)
     log(f"tokenized {meta['bytes']:,} bytes in {meta['seconds']:.2f} s ({meta['bytes'] / 1e6 / meta['seconds']:.1f} "
         f"MB/s) into {os.path.join(cfg.out_dir, 'train.bin')} and val.bin")
 
@@ -1709,12 +1797,13 @@ def write_token_files(files, cut, tokenizer, out_dir, log):
     paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
     counts = {split: dict(tokens=0, characters=0, bytes=0, documents=0) for split in paths}
     pending, pending_chars, last_char = {split: [] for split in paths}, dict.fromkeys(paths, 0), dict.fromkeys(paths, "")
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, written_whole(paths) as out:
-        encode = batch_encoder(tokenizer, pool)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, replaced_whole(paths["train"], "a token file") as train, \
+            replaced_whole(paths["val"], "a token file") as val:
+        encode, out = batch_encoder(tokenizer, pool), {"train": train, "val": val}
 
         def flush(split):  # the split's pending pieces, encoded, appended to its file
             ids = encode(pending[split]) if pending[split] else np.zeros(0)
-            ids.astype(dtype).tofile(out[split])
+            out[split].write(ids.astype(dtype))  # through Python's file: a full disk raises here
             counts[split]["tokens"] += len(ids)
             pending[split], pending_chars[split] = [], 0
 
@@ -1731,27 +1820,10 @@ def write_token_files(files, cut, tokenizer, out_dir, log):
                 flush(split)
         for split in paths:
             flush(split)
+            out[split].flush()  # a full disk fails here, while both files can still be removed
     return {"dtype": np.dtype(dtype).name, "unit": "byte" if bpe else "char",
             "bytes": sum(c["bytes"] for c in counts.values()),
             "validation": "last 10 %" if cut is not None else "every tenth document", **counts}
-
-
-@contextmanager
-def written_whole(paths):
-    """{name: a binary file open at path + ".tmp"}; renamed to path once all are written, removed if anything fails."""
-    out = {}
-    try:
-        out = {name: open(path + ".tmp", "wb") for name, path in paths.items()}
-        yield out
-    except BaseException:
-        for name, f in out.items():
-            f.close()
-            with suppress(OSError):
-                os.remove(paths[name] + ".tmp")
-        raise
-    for name, f in out.items():
-        f.close()
-        os.replace(paths[name] + ".tmp", paths[name])
 
 
 class TokenFile:
@@ -1788,18 +1860,25 @@ def open_token_files(out_dir):
     return meta, *(TokenFile(os.path.join(out_dir, f"{split}.bin"), meta["dtype"]) for split in ("train", "val"))
 
 
+def layers(m):
+    return f"{m.n_layer} layer" + "s" * (m.n_layer != 1)
+
+
 def describe(data, model, cfg, rt):
     """Check that each split holds a window of block_size + 1 tokens, and say what the run trains on."""
+    if data.characters == 0:
+        raise ValueError(f"{cfg.input}: no text in it (every file is empty); pass files that hold text")
     for split, name in ((data.train, "training"), (data.val, "validation")):
         if len(split) <= model.cfg.block_size:
-            hint = " (every tenth document validates: give at least ten)" if data.documents > 1 else ""
+            hint = f" (every tenth document validates: it has {data.documents}, give at least ten)" * (
+                1 < data.documents < 10)
             raise ValueError(f"{cfg.input}: the {name} split has {len(split)} tokens but needs more than "
                              f"block_size={model.cfg.block_size}{hint}; use a longer text or a smaller --block-size")
     docs = f"{data.documents:,} documents, " if data.documents > 1 else ""
     rt.log(f"{docs}{data.characters:,} characters, {len(data.train):,} train and {len(data.val):,} val tokens, "
            f"vocab {model.cfg.vocab_size}")
     m = model.cfg
-    rt.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({m.n_layer} layers, {m.n_head} heads, "
+    rt.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({layers(m)}, {m.n_head} heads, "
            f"{m.n_embd} wide, block {m.block_size}) on {rt.device}")
 
 
@@ -1816,30 +1895,46 @@ def tokenizer_state(tokenizer):
 
 
 def tokenizer_from_state(state):
-    if state["kind"] == "char":
-        return CharTokenizer(state["chars"])
-    import tokenizer_bpe
-    return tokenizer_bpe.BPETokenizer.from_dict(state["bpe"], "the checkpoint's tokenizer")
+    try:
+        if state["kind"] == "char":
+            return CharTokenizer(state["chars"])
+        import tokenizer_bpe
+        return tokenizer_bpe.BPETokenizer.from_dict(state["bpe"], "the checkpoint's tokenizer")
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"the checkpoint's tokenizer lacks {err} (an older or hand-made file?); train again") from None
 
 
-def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val_loss, tokenizer):
-    """Everything to resume exactly or to sample (tensors and plain types), written whole or not at all."""
+def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val_loss, tokenizer, tokens=0):
+    """Everything to resume exactly or to sample (tensors and plain types), written whole or not at all. The
+    input is saved as an absolute path: a run resumed from another directory reads the same text."""
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(train_cfg),
-             "step": step, "best_val_loss": best_val_loss, "tokenizer": tokenizer_state(tokenizer),
+             "model_config": dataclasses.asdict(model_cfg), "step": step, "tokens": tokens,
+             "train_config": {**dataclasses.asdict(train_cfg), "input": os.path.abspath(train_cfg.input)},
+             "best_val_loss": best_val_loss, "tokenizer": tokenizer_state(tokenizer),
              "rng": {"torch": torch.get_rng_state(),  # dropout's; the batches need none (batch_generator)
                      "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+    with replaced_whole(path, "the checkpoint") as f:
+        torch.save(state, f)
+
+
+@contextmanager
+def replaced_whole(path, what, mode="wb"):
+    """A file open at path + ".tmp" that replaces path once written whole and on disk (after a power cut: the old
+    file or the new one). On any failure it is removed, the old file stays, and a failed write is one line."""
+    text_mode = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
     try:
-        with open(path + ".tmp", "wb") as f:  # opened here, not by torch.save, so a failure names its cause
-            torch.save(state, f)
+        with open(path + ".tmp", mode, **text_mode) as f:  # opened here, not by torch.save: a failure names its cause
+            yield f
             f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: after a power cut, the old file or the new one
+            os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as err:
+    except BaseException as err:
         with suppress(OSError):
             os.remove(path + ".tmp")
-        raise ValueError(f"{path}: cannot write the checkpoint ({write_failure(err)}); "
-                         "the checkpoint saved before, if any, is unchanged") from None
+        if isinstance(err, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            raise ValueError(f"{path}: cannot write {what} ({write_failure(err)}); what was there before is "
+                             "unchanged") from None
+        raise
 
 
 def write_failure(err):
@@ -1854,13 +1949,14 @@ def write_failure(err):
     return f"{err.strerror or err}: {fixes.get(err.errno, 'pass another --out-dir')}"
 
 
-def load_checkpoint(path, device, attention=None):
+def load_checkpoint(path, device, attention=None, flag="--out-dir"):
     """The checkpoint dict and its rebuilt model, or a one-line error saying what is wrong (a file that cannot be
-    opened is a bad path, not a bad checkpoint); attention, if given, replaces the saved choice."""
+    opened is a bad path, not a bad checkpoint); attention, if given, replaces the saved choice. flag: the
+    one that named the file."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
-        raise ValueError(f"{path}: no checkpoint; train one first with `python gpt.py` (or pass --out-dir)") from None
+        raise ValueError(f"{path}: no checkpoint; train one first with `python gpt.py` (or pass another {flag})") from None
     except OSError as err:  # a directory, no permission: the file itself may be fine
         raise ValueError(f"{path}: cannot open it as a checkpoint file ({err.strerror})") from None
     with f:
@@ -1873,6 +1969,7 @@ def load_checkpoint(path, device, attention=None):
                              f"({type(err).__name__}); it cannot be read, so train again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a gpt.py checkpoint of format {CHECKPOINT_FORMAT}; train again with this gpt.py")
+    require_parts(ckpt, path, "model", "model_config", "tokenizer")
     try:
         model = GPT(GPTConfig(**{**ckpt["model_config"], **({"attention": attention} if attention else {})}))
         model.load_state_dict(ckpt["model"])
@@ -1880,6 +1977,14 @@ def load_checkpoint(path, device, attention=None):
         first_line = str(err).strip().splitlines()[0]
         raise ValueError(f"{path}: checkpoint does not match this gpt.py's model ({first_line}); train again") from None
     return ckpt, model.to(device)
+
+
+def require_parts(ckpt, path, *parts):
+    """A checkpoint that lacks a part (an older or hand-made file) is a one-line error that names it."""
+    missing = [part for part in parts if part not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint has no {', '.join(missing)} (an older or hand-made file?); it "
+                         "cannot be used for this, so train again")
 
 
 def saved_train_config(ckpt):
@@ -1892,14 +1997,18 @@ def save_run(run, rt):
     """Rank 0 saves the run to <out-dir>/ckpt.pt."""
     if rt.master:
         save_checkpoint(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.model, run.optimizer, run.model.cfg, run.cfg,
-                        run.step, run.best_val_loss, run.data.tokenizer)
+                        run.step, run.best_val_loss, run.data.tokenizer, run.tokens)
 
 
 def restore_run_state(run, ckpt, rt):
     """What --resume restores besides the model: the optimizer's state, the step, the best validation loss and
     the random state (of dropout: each step's batches come from their own seed, batch_generator)."""
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
+    run.optimizer.load_state_dict(ckpt["optimizer"])  # the moments; but this run's learning rates, decay, betas:
+    for group, setting in zip(run.optimizer.param_groups, settings):  # a changed --learning-rate takes effect
+        group.update(setting)
     run.step, run.best_val_loss, run.resumed = ckpt["step"], ckpt["best_val_loss"], True
+    run.tokens = ckpt.get("tokens", run.step * run.tokens_per_step)  # (an older checkpoint: as if the batch was this one)
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
     if ckpt["rng"]["cuda"] is not None and rt.device_type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
@@ -1909,16 +2018,22 @@ def restore_run_state(run, ckpt, rt):
 def load_for_resume(cfg, model_cfg, given, device):
     """The checkpoint, its model and tokenizer, and its run's settings, except what this command line
     sets again (say, a larger --max-iters); flags that fix the model must agree with it."""
-    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, model_cfg.attention if "attention" in given else None)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt, model = load_checkpoint(path, device, model_cfg.attention if "attention" in given else None)
+    require_parts(ckpt, path, "train_config", "optimizer", "step", "best_val_loss", "rng")
     saved = saved_train_config(ckpt)
     check_unchanged(given, (model_cfg, cfg), (model.cfg, saved))
+    if "max_iters" in given and cfg.max_iters <= ckpt["step"]:
+        raise ValueError(f"--max-iters {cfg.max_iters} is not beyond the checkpoint's step {ckpt['step']}: there is "
+                         "nothing to train; give a larger --max-iters, or sample from it with --sample")
     cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
     return ckpt, model, tokenizer_from_state(ckpt["tokenizer"]), cfg
 
 
 def load_for_fine_tuning(cfg, model_cfg, given, device):
     """The --init-from checkpoint's model and tokenizer; model flags given must agree with it."""
-    ckpt, model = load_checkpoint(cfg.init_from, device, model_cfg.attention if "attention" in given else None)
+    ckpt, model = load_checkpoint(cfg.init_from, device, model_cfg.attention if "attention" in given else None,
+                                  "--init-from")
     check_unchanged(given, (model_cfg, cfg), (model.cfg, saved_train_config(ckpt)),
                     "when fine-tuning (--init-from)")
     return model, tokenizer_from_state(ckpt["tokenizer"])
@@ -1957,9 +2072,11 @@ def claim_out_dir(cfg):
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
             step = saved_step(path)
-            what = "not a readable checkpoint" if step is None else f"a checkpoint at step {step}"
-            raise ValueError(f"{path} already exists ({what}): continue it with --resume, or replace it with "
-                             "--overwrite, or pass another --out-dir")
+            if step is None:
+                raise ValueError(f"{path} already exists and is not a readable checkpoint: replace it with --overwrite, "
+                                 "or pass another --out-dir")
+            raise ValueError(f"{path} already exists (a checkpoint at step {step}): continue it with --resume, or "
+                             "replace it with --overwrite, or pass another --out-dir")
         yield
 
 
@@ -1978,7 +2095,7 @@ def out_dir_lock(out_dir):
     path = os.path.join(out_dir, "ckpt.pt.lock")
     for attempt in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # rw-r--r--: a lock is no program
             break
         except FileExistsError:
             owner = read_lock(path)
@@ -2036,18 +2153,16 @@ def start_log_csv(out_dir, ckpt):
     if ckpt and os.path.exists(path):
         with open(path, encoding="utf-8", newline="") as f:
             kept = [row for row in csv.DictReader(f) if int(row["step"]) <= ckpt["step"]]
-    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+    with replaced_whole(path, "the log", "w") as f:
         writer = csv.DictWriter(f, LOG_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(kept)
-    os.replace(path + ".tmp", path)
     return float(kept[-1]["seconds"]) if kept else 0.0
 
 
 def log_row(run, lr, train_loss, val_loss=None, val_bits=None):
     """A row of log.csv: where the run stands (tokens, FLOPs, seconds of training) and its losses."""
-    tokens = run.step * run.tokens_per_step
-    row = [run.step, tokens, tokens * flops_per_token(run.model.cfg), round(time.perf_counter() - run.started, 3), lr,
+    row = [run.step, run.tokens, run.tokens * flops_per_token(run.model.cfg), round(time.perf_counter() - run.started, 3), lr,
            train_loss, val_loss, val_bits]
     with open(os.path.join(run.cfg.out_dir, "log.csv"), "a", encoding="utf-8", newline="") as f:
         csv.writer(f, lineterminator="\n").writerow(map(format_cell, row))
@@ -2076,8 +2191,20 @@ def stop_on_signals(stop):
             signal.signal(signum, handler)
 
 
+def stop_if_diverged(run, loss=0.0):
+    """A loss or weights that are no longer finite end the run before anything is saved: the checkpoint keeps
+    the last finite weights."""
+    if math.isfinite(loss) and all(p.isfinite().all() for p in run.model.parameters()):
+        return
+    what = f"its loss is {loss}" if not math.isfinite(loss) else "its weights are no longer finite"
+    raise ValueError(f"the run diverged by step {run.step} ({what}) and stops: "
+                     f"{os.path.join(run.cfg.out_dir, 'ckpt.pt')} keeps the last good weights, if any; try a lower "
+                     "--learning-rate (or --muon-lr), or --grad-clip 1")
+
+
 def save_and_say_how_to_resume(run, rt):
     """Save where the run stopped, and say how to go on (on stderr if stdout has gone)."""
+    stop_if_diverged(run)
     save_run(run, rt)
     message = f"saved step {run.step} to {os.path.join(run.cfg.out_dir, 'ckpt.pt')}; continue with --resume"
     if rt.stop["why"] == "stdout closed":
@@ -2175,7 +2302,7 @@ def wrap_model(run, rt):
     """What the steps run: run.model, compiled (--compile), wrapped for data-parallel training (torchrun)."""
     model = run.model
     if run.cfg.compile:
-        model = compile_or_fall_back(model, run.data["train"], run.cfg, model.cfg.block_size, rt.device, run.autocast)
+        model = compile_or_fall_back(model, run.data.train, run.cfg, model.cfg.block_size, rt.device, run.autocast)
     if rt.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     return model
@@ -2183,6 +2310,7 @@ def wrap_model(run, rt):
 
 def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
     """torch.compile fails late (at the first call) when no compiler toolchain works: try one step."""
+    print("compiling the model (torch.compile: a minute or so, once)...", flush=True)
     try:
         compiled = torch.compile(model)
         x, y = get_batch(train_data, cfg.batch_size, block_size, torch.Generator().manual_seed(0), device)
@@ -2232,9 +2360,10 @@ def exit_before_gloo_threads_can_abort():
 # read_text, add_flags, pick_device and run_command_line are the same in bigram.py.
 
 def read_text(path):
-    """The training text, or a one-line ValueError that names the problem and the fix."""
+    """The training text, or a one-line ValueError that names the problem and the fix. A UTF-8
+    byte-order mark at the start (some editors write one) is not text: utf-8-sig drops it."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file; pass a text file with --input") from None
@@ -2242,6 +2371,9 @@ def read_text(path):
         raise ValueError(f"{path}: is a directory; pass a text file with --input") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror}); pass a readable text file with "
+                         "--input") from None
     if not text:
         raise ValueError(f"{path}: file is empty; pass a text file with --input")
     return text
@@ -2345,6 +2477,28 @@ def config_problem(m, c):
     return None
 
 
+def checked_ids(ids, vocab_size):
+    """ids (a list, or a 1-D tensor or array) as a list of ints in [0, vocab_size), or a one-line ValueError."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    bad = [i for i in ids if type(i) is not int or not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a token id of this vocabulary (0 to {vocab_size - 1}); pass a list or a "
+                         "1-D tensor of them")
+    return ids
+
+
+def check_generate(idx, max_new_tokens, vocab_size):
+    """generate's input: a (B, T) tensor of token ids with T >= 1, and a count of new tokens >= 0."""
+    if not (torch.is_tensor(idx) and idx.dim() == 2 and not idx.is_floating_point()):
+        raise ValueError(f"idx must be a (batch, tokens) tensor of token ids, got {type(idx).__name__} "
+                         f"{tuple(getattr(idx, 'shape', ()))}")
+    if idx.size(1) == 0:
+        raise ValueError("the prompt holds no tokens: give at least one (gpt.py starts an empty --prompt from start_ids)")
+    checked_ids([idx.min().item(), idx.max().item()], vocab_size)  # the smallest and the largest id
+    if not (type(max_new_tokens) is int and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+
+
 def check_sampling(temperature, top_k, top_p):
     """generate's and sample_next_token's settings, checked by the rules of the flags of the same names."""
     rules = {field.name: field.metadata.get("valid") for field in dataclasses.fields(TrainConfig)}
@@ -2369,6 +2523,16 @@ def sample(cfg, given=frozenset(), attention=None):
     print_sample(model, tokenizer_from_state(ckpt["tokenizer"]), cfg, device)
 
 
+def note_flags_without_effect(cfg, given):
+    """A flag that would do less than it says is pointed out (on stderr), not left to be found out later."""
+    for name in ("vocab_size", "bpe_sample_mb"):
+        if name in given and cfg.tokenizer == "char" and not cfg.resume and not cfg.init_from:
+            print(f"note: --{name.replace('_', '-')} is for --tokenizer bpe; characters are their own vocabulary", file=sys.stderr)
+    if cfg.warmup_iters > cfg.max_iters > 0:
+        print(f"note: --warmup-iters {cfg.warmup_iters} is longer than --max-iters {cfg.max_iters}: the learning rate "
+              "never reaches its peak", file=sys.stderr)
+
+
 def main(argv=None):
     gc.freeze()  # torch's 160k objects live until exit: exempt them from garbage collection (0.5 s)
     model_cfg, cfg, given, lab = parse_args(argv)
@@ -2385,6 +2549,7 @@ def main(argv=None):
     elif lab.embeddings:
         show_embeddings(cfg)
     else:
+        note_flags_without_effect(cfg, given)
         train(cfg, model_cfg, given)
 
 

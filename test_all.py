@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import unicodedata
 import types
 from collections import Counter
 from pathlib import Path
@@ -1631,7 +1632,8 @@ def test_checkpoint_round_trip_restores_model_optimizer_tokenizer_and_configs(tm
         assert not any(k.startswith("_orig_mod") for k in raw["model"])
         ckpt, loaded = gpt.load_checkpoint(path, "cpu")
         assert (ckpt["step"], ckpt["best_val_loss"]) == (7, 1.5)
-        assert loaded.cfg == model.cfg and gpt.TrainConfig(**ckpt["train_config"]) == cfg
+        assert loaded.cfg == model.cfg  # and the run's settings, the input as an absolute path (read from anywhere)
+        assert gpt.TrainConfig(**ckpt["train_config"]) == dataclasses.replace(cfg, input=os.path.abspath(cfg.input))
         restored = gpt.tokenizer_from_state(ckpt["tokenizer"])
         assert type(restored) is type(tokenizer) and restored.vocab == tokenizer.vocab
         text = "hellohownow"
@@ -1708,7 +1710,8 @@ def check_gpt_log(out, text, tokenizer, flags, world_size=1):
     n_val = len(tokenizer.encode(val_text, allowed_special="all"))
     assert (f"{described}, {len(tokenizer.encode(train_text, allowed_special='all')):,} train and {n_val:,} val tokens, "
             f"vocab {model_cfg.vocab_size}\n") in out
-    assert (f"model: {gpt_parameter_count(model_cfg):,} parameters ({model_cfg.n_layer} layers, {model_cfg.n_head} "
+    layers = f"{model_cfg.n_layer} layer" + "s" * (model_cfg.n_layer != 1)  # "1 layer", "2 layers"
+    assert (f"model: {gpt_parameter_count(model_cfg):,} parameters ({layers}, {model_cfg.n_head} "
             f"heads, {model_cfg.n_embd} wide, block {model_cfg.block_size}) on cpu\n") in out
     # evaluations: at every eval_interval and at the end; bits per unit = nats per token x tokens per unit / ln 2
     unit = "char" if isinstance(tokenizer, gpt.CharTokenizer) else "byte"
@@ -1951,7 +1954,7 @@ def test_gpt_data_parallel_with_torchrun_on_cpu(tmp_path):
         (tmp_path / "corpus" / f"{i}.txt").write_text(doc, encoding="utf-8")
     flags = ["--input", "corpus", *TINY_FLAGS, "--eval-interval", "3", "--log-interval", "3", "--grad-accum", "2",
              "--max-new-tokens", "0", "--out-dir", "ddp", "--dtype", "float32"]  # bf16 rounds 1 and 2 threads apart
-    finished = r"^rank {}/2: finished at step {}; last logged loss ([0-9.]+) on this rank's batches, ([0-9.]+) all-reduced\n$"
+    finished = r"^rank {}/2: finished at step {}; last logged loss ([0-9.]+) on this rank's batches, ([0-9.]+) all-reduced$"
     first = torchrun_gpt([*flags, "--max-iters", "3"], tmp_path, tmp_path / "logs_first")
     check_gpt_log(first[0], docs, gpt.CharTokenizer("".join(sorted(set("\n".join(docs))))),
                   [*flags, "--max-iters", "3"], world_size=2)  # tokens/s counts both ranks
@@ -1965,7 +1968,8 @@ def test_gpt_data_parallel_with_torchrun_on_cpu(tmp_path):
     for (out_0, out_1), step in ((first, 3), (resumed, 6)):
         # rank 1 prints one line only: rank 0 alone logs, evaluates and saves
         (local_0, reduced_0), = re.findall(finished.format(0, step), out_0, re.M)
-        (local_1, reduced_1), = re.findall(finished.format(1, step), out_1)
+        (local_1, reduced_1), = re.findall(finished.format(1, step), out_1, re.M)
+        assert out_1.count("\n") == 1
         assert local_0 != local_1  # each rank drew its own batches
         assert reduced_0 == reduced_1  # and the all-reduce made them agree
         assert abs(float(reduced_0) - (float(local_0) + float(local_1)) / 2) < 2e-6
@@ -2052,7 +2056,7 @@ def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     gpt.main(one_line_flags)
     out = capsys.readouterr().out
     check_gpt_log(out, one_line, gpt.CharTokenizer(" benort"), one_line_flags)
-    sample = out.splitlines()[-2]  # "\n" is not in this text: the sample starts, unprinted, from its first token
+    sample = out.splitlines()[-3]  # "\n" is not in this text: the sample starts, unprinted, from its first token
     assert len(sample) == 5 and set(sample) <= set(one_line)
     check_generated_line(out, 5, 1, heads="1 of 2")  # half the cache of 2 key/value heads
 
@@ -2324,7 +2328,12 @@ def test_gpt_bad_corpus_inputs_give_one_line_errors(tmp_path, monkeypatch):
     for i in range(3):
         (tmp_path / "few" / f"{i}.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
     assert "the validation split has 0 tokens but needs more than block_size=128 (every tenth document validates: " \
-           "give at least ten)" in gpt_error(["--input", "few", "--out-dir", "few_out", "--block-size", "128"])
+           "it has 3, give at least ten)" in gpt_error(["--input", "few", "--out-dir", "few_out", "--block-size", "128"])
+    (tmp_path / "hollow").mkdir()
+    for i in range(30):  # thirty documents, all empty: the problem is not their number
+        (tmp_path / "hollow" / f"{i}.txt").write_text("", encoding="utf-8")
+    assert gpt_error(["--input", "hollow", "--out-dir", "hollow_out"]) == "hollow: no text in it (every file is empty); " \
+                                                                        "pass files that hold text"
     (tmp_path / "few" / "3.txt").write_bytes("Ophélie".encode("latin-1"))
     assert "3.txt: not UTF-8 text" in gpt_error(["--input", "few", "--out-dir", "few_out"])
 
@@ -2702,3 +2711,222 @@ def test_embeddings_flag_prints_neighbours_groups_and_draws(tmp_path):
     assert re.search(r"^ +vowels +-?[0-9.]+ / -?[0-9.]+ +-?[0-9.]+ / -?[0-9.]+$", out, re.M)
     assert "lowercase letter vs its uppercase twin" in out
     assert_png(tmp_path / "out" / "embeddings.png")
+
+
+# ---- gpt.py: nothing lost, nothing silently ignored ----
+
+def trained_tiny(tmp_path, monkeypatch, capsys, *flags, steps=2):
+    """A tiny run of `steps` steps in tmp_path/out (cwd tmp_path); returns its flags and its checkpoint's bytes."""
+    monkeypatch.chdir(tmp_path)
+    run = [*tiny_run_flags(tmp_path), "--eval-interval", "2", *flags]
+    gpt.main([*run, "--max-iters", str(steps)])
+    capsys.readouterr()
+    return run, (tmp_path / "out" / "ckpt.pt").read_bytes()
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    run, good = trained_tiny(tmp_path, monkeypatch, capsys)
+    message = gpt_error([*run, "--max-iters", "6", "--resume", "--learning-rate", "1e12", "--grad-clip", "0",
+                         "--log-interval", "100"])  # no log line before the evaluation at step 4: it must not save
+    assert "the run diverged by step" in message and "--learning-rate" in message
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == good  # never replaced by broken weights
+    gpt.main(["--sample", "--max-new-tokens", "3"])  # and it still samples
+    # a model broken by hand: sampling says so in one line, not in torch's words from inside multinomial
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    ckpt["model"]["lm_head.weight"].fill_(math.nan)
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    assert "probabilities are not finite" in gpt_error(["--sample", "--max-new-tokens", "3"])
+
+
+def test_resume_takes_the_new_optimizer_settings_and_keeps_counting_tokens(tmp_path, monkeypatch, capsys):
+    run, _ = trained_tiny(tmp_path, monkeypatch, capsys, "--optimizer", "muon", steps=2)
+    new = ["--learning-rate", "0.002", "--muon-lr", "0.03", "--weight-decay", "0.3", "--beta2", "0.9", "--batch-size", "6"]
+    gpt.main([*run, "--max-iters", "4", "--resume", *new, "--min-lr-ratio", "1", "--warmup-iters", "0"])
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    adamw, muon = (part["param_groups"] for part in ckpt["optimizer"]["parts"])
+    assert [g["betas"] for g in adamw] == [(0.9, 0.9)] * 2 and adamw[0]["weight_decay"] == 0.3
+    assert adamw[0]["lr"] == pytest.approx(0.002) and muon[0]["lr"] == pytest.approx(0.03)
+    assert muon[0]["weight_decay"] == 0.3 and ckpt["train_config"]["learning_rate"] == 0.002
+    rows = gpt.read_csv(tmp_path / "out" / "log.csv")  # 2 steps of 4 x 16 tokens, then 2 of 6 x 16
+    assert [(r["step"], r["tokens"]) for r in rows if r["val_loss"] is not None] == [(0, 0), (2, 128), (4, 320)]
+    assert ckpt["tokens"] == 320
+    message = gpt_error([*run, "--max-iters", "3", "--resume"])
+    assert message.startswith("--max-iters 3 is not beyond the checkpoint's step 4: there is nothing to train")
+
+
+def test_resume_from_another_directory_reads_the_same_text(tmp_path, monkeypatch, capsys):
+    run, _ = trained_tiny(tmp_path, monkeypatch, capsys)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "tiny.txt").write_text("Quite another text, with a Q.\n" * 50, encoding="utf-8")
+    monkeypatch.chdir(elsewhere)
+    gpt.main(["--out-dir", str(tmp_path / "out"), "--resume", "--max-iters", "4"])
+    assert "resumed from" in capsys.readouterr().out  # trained on: not the Q text, whose 'Q' it cannot encode
+
+
+def test_a_refused_run_changes_nothing_of_the_old_one(tmp_path, monkeypatch, capsys):
+    run, good = trained_tiny(tmp_path, monkeypatch, capsys)
+    log = (tmp_path / "out" / "log.csv").read_bytes()
+    assert "block_size=5000" in gpt_error([*run, "--overwrite", "--block-size", "5000", "--max-iters", "2"])
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == good and (tmp_path / "out" / "log.csv").read_bytes() == log
+    # a checkpoint that cannot be read is not offered to --resume
+    (tmp_path / "out" / "ckpt.pt").write_bytes(good[:100])
+    message = gpt_error([*run, "--max-iters", "2"])
+    assert "not a readable checkpoint: replace it with --overwrite" in message and "--resume" not in message
+
+
+def test_flags_that_would_do_less_than_they_say_are_pointed_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    gpt.main([*tiny_run_flags(tmp_path), "--max-iters", "2", "--eval-interval", "2", "--warmup-iters", "5",
+              "--vocab-size", "400"])
+    err = capsys.readouterr().err
+    assert "note: --warmup-iters 5 is longer than --max-iters 2" in err
+    assert "note: --vocab-size is for --tokenizer bpe" in err
+    for flags in (["--max-new-tokens", "0"], ["--top-k", "0"], ["--dropout", "0"], ["--warmup-iters", "0"],
+                  ["--max-iters", "0"], ["--eval-iters", "1"], ["--top-p", "1"]):  # the edges that are valid
+        gpt.parse_args(flags)
+
+
+def test_text_is_read_without_its_byte_order_mark_and_in_one_normal_form(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bom.txt").write_text("\ufeff" + unicodedata.normalize("NFD", "Café crème, déjà vu.\n") * 60,
+                                      encoding="utf-8")
+    (tmp_path / "c.jsonl").write_text("\ufeff" + '{"text": "first"}\n{"text": "second"}\n', encoding="utf-8")
+    gpt.main(["--input", "bom.txt", *TINY_FLAGS, "--max-iters", "1", "--eval-interval", "1", "--max-new-tokens", "0"])
+    tokenizer = gpt.tokenizer_from_state(torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["tokenizer"])
+    assert "\ufeff" not in tokenizer.chars and "é" in tokenizer.chars and "\u0301" not in tokenizer.chars
+    capsys.readouterr()
+    gpt.main(["--sample", "--prompt", "déjà", "--max-new-tokens", "3"])  # an NFC prompt: the model's characters
+    assert capsys.readouterr().out.startswith("déjà")
+    assert [list(doc) for doc in gpt.documents([str(tmp_path / "c.jsonl")])] == [["first"], ["second"]]
+
+
+def test_a_glob_does_not_follow_links_to_directories(tmp_path):
+    docs = corpus_dir(tmp_path / "corpus")
+    os.symlink(".", tmp_path / "corpus" / "here")
+    os.symlink("..", tmp_path / "corpus" / "sub" / "up")  # two links: following them would never end
+    files = gpt.input_files(str(tmp_path / "corpus" / "**" / "*.txt"))
+    assert files == [str(tmp_path / "corpus" / name) for name in ("a.txt", os.path.join("sub", "b.txt"))]
+    assert len(gpt.input_files(str(tmp_path / "corpus"))) == 3 and len(docs) == 4  # a directory: the same
+
+
+@pytest.mark.parametrize("pattern", ["gpt4", "gpt2"])
+def test_pieces_are_cut_in_linear_time_whatever_the_text_looks_like(pattern, tmp_path, monkeypatch):
+    """Indented lines, one long line, no line break: pieces stay near PIECE_CHARS (none grows with the file)
+    and encode piece by piece into exactly the ids of the whole text, for either split pattern."""
+    monkeypatch.setattr(gpt, "PIECE_CHARS", 40)
+    texts = {"indented": "".join(f"    {w} and {w}\n        {w}!\n" for w in ("to", "be", "or", "not") * 40),
+             "one long line": "to be, or not to be: that is  the question " * 60,
+             "marks": "e\u0301 " * 200}
+    tokenizer = bpe.BPETokenizer(pattern)
+    tokenizer.train("".join(texts.values()), 300)
+    for name, text in texts.items():
+        (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+        pieces = list(gpt.file_pieces(str(tmp_path / "t.txt")))
+        whole = unicodedata.normalize("NFC", text)
+        assert "".join(pieces) == whole and max(map(len, pieces)) < 100, name
+        assert [i for piece in pieces for i in tokenizer.encode(piece)] == tokenizer.encode(whole), name
+
+
+def test_compile_says_so_and_falls_back_when_it_fails(tmp_path, monkeypatch, capsys):
+    def broken(model):
+        raise RuntimeError("no compiler here")
+    for compile_, said in ((lambda model: model, "compiling the model"), (broken, "--compile failed (RuntimeError")):
+        monkeypatch.setattr(torch, "compile", compile_)
+        trained_tiny(tmp_path, monkeypatch, capsys, "--compile", "--overwrite")
+        monkeypatch.chdir(tmp_path)
+        gpt.main([*tiny_run_flags(tmp_path), "--compile", "--overwrite", "--max-iters", "1"])
+        assert said in capsys.readouterr().out
+
+
+def test_embeddings_work_for_any_vocabulary_and_corpus(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for text in ("   \n  \t\n", "😀🎉 👩 😀", "abc cab bca "):
+        (tmp_path / "t.txt").write_text(text * 200, encoding="utf-8")
+        gpt.main(["--input", "t.txt", *TINY_FLAGS, "--max-iters", "1", "--eval-interval", "1", "--max-new-tokens", "0",
+                  "--overwrite"])
+        gpt.main(["--embeddings"])
+        out = capsys.readouterr().out
+        assert "no group table" in out and "no case-twin comparison" in out and "saved out/embeddings.png" in out
+    (tmp_path / "corpus").mkdir()  # a corpus, BPE: its words are read again from its documents
+    for i in range(10):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(SHAKESPEARE_BIT[i * 50:(i + 1) * 50], encoding="utf-8")
+    gpt.main(["--input", "corpus", *TINY_FLAGS, "--tokenizer", "bpe", "--vocab-size", "260", "--block-size", "2",
+              "--max-iters", "1", "--eval-interval", "1", "--max-new-tokens", "0", "--out-dir", "bpe"])
+    gpt.main(["--embeddings", "--out-dir", "bpe"])
+    assert "saved bpe/embeddings.png" in capsys.readouterr().out
+
+
+def test_full_disks_and_impossible_studies_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    corpus_dir(tmp_path / "corpus")
+    (tmp_path / "out").mkdir()
+    os.symlink("/dev/full", tmp_path / "out" / "train.bin.tmp")  # the token files go to a full disk
+    message = gpt_error(["--input", "corpus", *TINY_FLAGS, "--block-size", "2", "--max-iters", "1"])
+    assert "train.bin: cannot write a token file (No space left on device: free some disk space)" in message
+    assert sorted(os.listdir(tmp_path / "out")) == []  # nothing half-written is left
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    os.symlink("/dev/full", tmp_path / "out" / "loss.png.tmp")  # and the picture
+    message = gpt_error(["--input", "tiny.txt", *TINY_FLAGS[:-1], "--max-iters", "1"])
+    assert "loss.png: cannot write the picture (No space left on device" in message
+    assert "loss.png" not in os.listdir(tmp_path / "out") and "loss.png.tmp" not in os.listdir(tmp_path / "out")
+    sweep = ["--input", "tiny.txt", *TINY_FLAGS, "--sweep", "--out-dir", "sweep"]
+    assert gpt_error([*sweep, "--sweep-widths", "16,30"]).startswith("--sweep-widths 30 does not split into --n-head 2")
+    gpt.main([*sweep, "--sweep-budgets", "1e7", "--sweep-widths", "8,16"])
+    assert "one budget: no exponent to fit" in capsys.readouterr().out
+
+
+def test_checkpoints_that_lack_a_part_and_bad_api_input_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    run, good = trained_tiny(tmp_path, monkeypatch, capsys)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    for part, command in (("tokenizer", ["--sample"]), ("optimizer", [*run, "--resume", "--max-iters", "4"])):
+        torch.save({k: v for k, v in ckpt.items() if k != part}, tmp_path / "out" / "ckpt.pt")
+        assert f"the checkpoint has no {part}" in gpt_error(command)
+    torch.save({**ckpt, "tokenizer": {"kind": "char"}}, tmp_path / "out" / "ckpt.pt")
+    assert "the checkpoint's tokenizer lacks 'chars'" in gpt_error(["--sample"])
+    assert "missing.pt: no checkpoint; train one first with `python gpt.py` (or pass another --init-from)" in \
+        gpt_error([*run, "--init-from", "missing.pt", "--out-dir", "tune"])
+    tokenizer, model = gpt.CharTokenizer("abc"), tiny_gpt(vocab_size=3)
+    for bad in ([-1], [3], [1.0], torch.tensor([[0]])):
+        with pytest.raises(ValueError, match="is not a token id of this vocabulary"):
+            tokenizer.decode(bad)
+    assert tokenizer.decode(torch.tensor([0, 2])) == "ac"
+    for idx, n, message in ((torch.tensor([[1, 3]]), 2, "3 is not a token id"), (torch.tensor([[1]]), -1, "max_new_tokens"),
+                            ([[1]], 2, "idx must be a \\(batch, tokens\\) tensor")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(idx, n)
+    with gpt.out_dir_lock(str(tmp_path)):
+        assert os.stat(tmp_path / "ckpt.pt.lock").st_mode & 0o111 == 0  # a lock file is no program
+
+
+def test_ctrl_c_while_sampling_keeps_what_was_shown(tmp_path, monkeypatch, capsys):
+    trained_tiny(tmp_path, monkeypatch, capsys)
+    real, drawn = gpt.sample_next_token, []
+
+    def draw_then_ctrl_c(*args, **kwargs):
+        drawn.append(real(*args, **kwargs))
+        if len(drawn) == 12:
+            raise KeyboardInterrupt
+        return drawn[-1]
+    monkeypatch.setattr(gpt, "sample_next_token", draw_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        gpt.main(["--sample", "--prompt", "ALL:", "--max-new-tokens", "1000"])
+    tokenizer = gpt.tokenizer_from_state(torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["tokenizer"])
+    assert capsys.readouterr().out == "ALL:" + tokenizer.decode([t.item() for t in drawn[:11]])  # shown as it came
+
+
+def test_every_parameter_learns_and_qk_norm_uses_its_own_weights():
+    model = tiny_gpt(**MODERN_A, n_kv_head=2).train()
+    idx = torch.randint(0, 23, (2, 16))
+    model(idx, idx)[1].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    attn = tiny_gpt(qk_norm=True, n_kv_head=2).blocks[0].attn  # queries and keys each by their own trained norm
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 2.0)
+        attn.k_norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(2, 16, 32)
+    q, k, v = attn.qkv(x).split([4 * 8, 2 * 8, 2 * 8], dim=-1)
+    q, k, v = (t.view(2, 16, -1, 8).transpose(1, 2) for t in (q, k, v))
+    rms = lambda t, w: t / t.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt() * w  # noqa: E731
+    y = gpt.attention_math(rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight), v)  # (B, nh, T, hd)
+    assert torch.allclose(attn(x), attn.proj(y.transpose(1, 2).reshape(2, 16, 32)), atol=1e-5)
