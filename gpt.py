@@ -174,12 +174,15 @@ class CharTokenizer:
 def make_tokenizer(cfg, chars, bpe_sample, log):
     """char: one token per character of the text (validation's too, so that none is unknown); bpe: merges
     learned from bpe_sample, the start of the training text only, so that they never peek at validation."""
-    if cfg.tokenizer == "char":
-        return CharTokenizer("".join(sorted(chars)))
+    return CharTokenizer("".join(sorted(chars))) if cfg.tokenizer == "char" else train_bpe(bpe_sample, cfg.vocab_size, log)
+
+
+def train_bpe(text, vocab_size, log):
+    """A byte-level BPE tokenizer trained on text (tokenizer_bpe.py, the lesson of its own)."""
     import tokenizer_bpe  # only the BPE option needs it
     t0 = time.perf_counter()
     tokenizer = tokenizer_bpe.BPETokenizer()
-    tokenizer.train(bpe_sample, cfg.vocab_size)
+    tokenizer.train(text, vocab_size)
     log(f"trained a BPE tokenizer of {len(tokenizer.vocab)} tokens in {time.perf_counter() - t0:.2f} s")
     return tokenizer
 
@@ -495,20 +498,28 @@ def sample_next_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
     # The best logit subtracted first, so a tiny temperature sends the others to -inf but the best to 0:
     # dividing first would give +inf, and softmax's inf - inf is nan.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V), all <= 0
-    if top_k > 0:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    probs = F.softmax(logits, dim=-1)  # (B, V)
+    probs = F.softmax(top_k_only(logits, top_k) if top_k else logits, dim=-1)  # (B, V)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the better tokens
-        sorted_probs[before >= top_p] = 0.0  # keep the smallest prefix whose total reaches top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = nucleus(probs, top_p)
     try:
         return torch.multinomial(probs, num_samples=1, generator=generator)  # renormalises by itself
     except RuntimeError:  # nan or inf logits: there is no distribution to draw from
         raise ValueError("the model's next-token probabilities are not finite (nan): its weights are broken; "
                          "train it again") from None
+
+
+def top_k_only(logits, k):
+    """logits (B, V) with all but the k best of each row at -inf."""
+    kth_best = torch.topk(logits, min(k, logits.size(-1))).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth_best, float("-inf"))
+
+
+def nucleus(probs, top_p):
+    """probs (B, V) with only the smallest set of the likeliest tokens whose total reaches top_p kept."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the better tokens
+    sorted_probs[before >= top_p] = 0.0  # keep the smallest prefix whose total reaches top_p
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
 def start_ids(tokenizer):
@@ -540,11 +551,9 @@ def print_sample(model, tokenizer, cfg, device):
     show(out, last=True)
     print()
     mc = model.cfg
-    if cfg.kv_cache:
-        cache = KVCache(mc, 1, "meta", model.wte.weight.dtype)  # on the meta device: shapes, no memory
-        cache_note = f"KV cache {(cache.k.nbytes + cache.v.nbytes) / 1024:.0f} KiB ({mc.kv_heads()} of {mc.n_head} heads keep K/V)"
-    else:
-        cache_note = "no KV cache: the whole context recomputed for every token"
+    cache = KVCache(mc, 1, "meta", model.wte.weight.dtype)  # on the meta device: shapes, no memory
+    cache_note = (f"KV cache {(cache.k.nbytes + cache.v.nbytes) / 1024:.0f} KiB ({mc.kv_heads()} of {mc.n_head} heads keep "
+                  "K/V)") if cfg.kv_cache else "no KV cache: the whole context recomputed for every token"
     print(f"generated {cfg.max_new_tokens} tokens in {elapsed:.2f} s: {cfg.max_new_tokens / elapsed:.0f} tokens/s, {cache_note}")
 
 
@@ -596,8 +605,8 @@ class Muon(torch.optim.Muon):
 
 
 def make_optimizer(model, cfg, device_type):
-    """AdamW, with weight decay on matrices only; with --optimizer muon, Muon takes the blocks' matrices, and the
-    embeddings and the head stay with AdamW (a lookup table's rows are separate vectors, not one linear map)."""
+    """[AdamW], with weight decay on matrices only; with --optimizer muon, [AdamW, Muon]: Muon takes the blocks'
+    matrices, the embeddings and the head stay with AdamW (a lookup table's rows are vectors, not one linear map)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if cfg.optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2]
     rest = [p for _, p in named if all(p is not h for h in hidden)]
@@ -606,12 +615,12 @@ def make_optimizer(model, cfg, device_type):
     fused = device_type in ("cuda", "cpu")  # one kernel for all parameters instead of a loop
     adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=fused)
     if not hidden:
-        return adamw
+        return [adamw]
     # Muon: momentum, then orthogonalise() the update; its lr is scaled by sqrt(max(1, rows/cols)) per matrix
     ns_dtype = torch.bfloat16 if native_bf16(device_type) else torch.float32
     muon = Muon(hidden, ns_dtype, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
     muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.learning_rate  # the schedule sets lr * lr_scale
-    return Optimizers(adamw, muon)
+    return [adamw, muon]
 
 
 def make_autocast(device_type, dtype):
@@ -647,7 +656,7 @@ class Run:
     cfg: TrainConfig  # a resumed run's own settings, with what the command line sets again
     model: GPT  # the plain module: what we evaluate, save and sample (the steps may run a compiled or DDP wrapper)
     data: Data
-    optimizer: object
+    optimizers: list  # make_optimizer's: each is stepped in turn
     autocast: object  # the run's precision (make_autocast)
     tokens_per_step: int
     step: int = 0
@@ -700,7 +709,7 @@ def training_step(model, run, rt):
     all-reduces them in the last backward only), 3) clip, update. Returns the lr and the step's mean loss."""
     cfg = run.cfg
     lr = learning_rate(run.step, cfg)
-    for group in run.optimizer.param_groups:
+    for group in (group for optimizer in run.optimizers for group in optimizer.param_groups):
         group["lr"] = lr * group.get("lr_scale", 1.0)
     step_loss = torch.zeros((), device=rt.device)
     batches = batch_generator(cfg.seed, run.step, rt.rank, rt.world_size)  # a resumed run draws the same batches
@@ -714,8 +723,9 @@ def training_step(model, run, rt):
         step_loss += loss.detach() / cfg.grad_accum
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    for optimizer in run.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     run.tokens += run.tokens_per_step
     return lr, step_loss
 
@@ -901,22 +911,22 @@ def flash_backward(dO, q, k, v, O, LSE, g, dropout_p, seed, block_q, block_k):
     return dq / math.sqrt(q.size(-1)), dk, dv
 
 
+def flash_autograd_forward(ctx, q, k, v, g, dropout_p, seed, block_q, block_k):
+    O, LSE = flash_forward(q, k, v, g, dropout_p, seed, block_q, block_k)
+    ctx.save_for_backward(q, k, v, O, LSE)  # all that backward needs: no (T, L) matrix
+    ctx.args = g, dropout_p, seed, block_q, block_k
+    return O
+
+
+def flash_autograd_backward(ctx, dO):
+    dq, dk, dv = flash_backward(dO, *ctx.saved_tensors, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None  # no gradient for g, dropout_p, seed and the tile sizes
+
+
 class FlashAttention(torch.autograd.Function):
-    """Joins the two passes; autograd keeps only q, k, v, O and LSE between them."""
-
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, dropout_p, seed, block_q, block_k):
-        O, LSE = flash_forward(q, k, v, g, dropout_p, seed, block_q, block_k)
-        ctx.save_for_backward(q, k, v, O, LSE)
-        ctx.args = g, dropout_p, seed, block_q, block_k
-        return O
-
-
-    @staticmethod
-    def backward(ctx, dO):
-        dq, dk, dv = flash_backward(dO, *ctx.saved_tensors, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+    """The two passes joined for autograd: it keeps only q, k, v, O and LSE between them."""
+    forward = staticmethod(flash_autograd_forward)
+    backward = staticmethod(flash_autograd_backward)
 
 
 # ---- Attention three ways, timed and measured (--bench-attention) ----------------------------------
@@ -1377,8 +1387,9 @@ def step_times(variants, rounds=9, steps=5):
                 loss = model(x, y)[1]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for part in optimizer:
+                part.step()
+                part.zero_grad(set_to_none=True)
         step()  # the first step allocates the optimizer's state
         timed.append((step, []))
     for _ in range(rounds):
@@ -1901,13 +1912,14 @@ def tokenizer_from_state(state):
         import tokenizer_bpe
         return tokenizer_bpe.BPETokenizer.from_dict(state["bpe"], "the checkpoint's tokenizer")
     except (KeyError, TypeError) as err:
-        raise ValueError(f"the checkpoint's tokenizer lacks {err} (an older or hand-made file?); train again") from None
+        raise ValueError(f"the checkpoint has no tokenizer, or an incomplete one (it lacks {err}: an older or hand-made "
+                         "file?); train again") from None
 
 
-def save_checkpoint(path, model, optimizer, model_cfg, train_cfg, step, best_val_loss, tokenizer, tokens=0):
+def save_checkpoint(path, model, optimizers, model_cfg, train_cfg, step, best_val_loss, tokenizer, tokens=0):
     """Everything to resume exactly or to sample (tensors and plain types), written whole or not at all. The
     input is saved as an absolute path: a run resumed from another directory reads the same text."""
-    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
              "model_config": dataclasses.asdict(model_cfg), "step": step, "tokens": tokens,
              "train_config": {**dataclasses.asdict(train_cfg), "input": os.path.abspath(train_cfg.input)},
              "best_val_loss": best_val_loss, "tokenizer": tokenizer_state(tokenizer),
@@ -1931,10 +1943,14 @@ def replaced_whole(path, what, mode="wb"):
     except BaseException as err:
         with suppress(OSError):
             os.remove(path + ".tmp")
-        if isinstance(err, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
-            raise ValueError(f"{path}: cannot write {what} ({write_failure(err)}); what was there before is "
-                             "unchanged") from None
-        raise
+        raise write_error(path, what, err) from None
+
+
+def write_error(path, what, err):
+    """A failed write as a one-line ValueError (torch.save reports one as a RuntimeError); anything else as it was."""
+    if not isinstance(err, (OSError, RuntimeError)):
+        return err
+    return ValueError(f"{path}: cannot write {what} ({write_failure(err)}); what was there before is unchanged")
 
 
 def write_failure(err):
@@ -1950,33 +1966,33 @@ def write_failure(err):
 
 
 def load_checkpoint(path, device, attention=None, flag="--out-dir"):
-    """The checkpoint dict and its rebuilt model, or a one-line error saying what is wrong (a file that cannot be
-    opened is a bad path, not a bad checkpoint); attention, if given, replaces the saved choice. flag: the
-    one that named the file."""
+    """The checkpoint dict and its rebuilt model, or a one-line error saying what is wrong; attention, if given,
+    replaces the saved choice. flag: the one that named the file, for the error."""
     try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no checkpoint; train one first with `python gpt.py` (or pass another {flag})") from None
-    except OSError as err:  # a directory, no permission: the file itself may be fine
-        raise ValueError(f"{path}: cannot open it as a checkpoint file ({err.strerror})") from None
-    with f:
-        try:
+        with open(path, "rb") as f:
             ckpt = torch.load(f, map_location=device, weights_only=True)
-        except (MemoryError, torch.OutOfMemoryError):
-            raise ValueError(f"{path}: not enough memory to load it on {device}; try --device cpu") from None
-        except Exception as err:  # torch raises many types for a damaged file; all mean the same to a user
-            raise ValueError(f"{path}: corrupt or truncated checkpoint, or not one gpt.py wrote "
-                             f"({type(err).__name__}); it cannot be read, so train again") from None
+    except Exception as err:  # a bad path, too little memory or a damaged file: unreadable() says which
+        raise ValueError(f"{path}: {unreadable(err, device, flag)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a gpt.py checkpoint of format {CHECKPOINT_FORMAT}; train again with this gpt.py")
-    require_parts(ckpt, path, "model", "model_config", "tokenizer")
     try:
         model = GPT(GPTConfig(**{**ckpt["model_config"], **({"attention": attention} if attention else {})}))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, KeyError, RuntimeError) as err:
+    except (TypeError, KeyError, RuntimeError) as err:  # a missing part, or the weights of another model
         first_line = str(err).strip().splitlines()[0]
         raise ValueError(f"{path}: checkpoint does not match this gpt.py's model ({first_line}); train again") from None
     return ckpt, model.to(device)
+
+
+def unreadable(err, device, flag):
+    """Why a checkpoint file could not be read: a bad path is not a bad checkpoint."""
+    if isinstance(err, FileNotFoundError):
+        return f"no checkpoint; train one first with `python gpt.py` (or pass another {flag})"
+    if isinstance(err, (IsADirectoryError, NotADirectoryError, PermissionError)):  # the file itself may be fine
+        return f"cannot open it as a checkpoint file ({err.strerror})"
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return f"not enough memory to load it on {device}; try --device cpu"
+    return f"corrupt or truncated checkpoint, or not one gpt.py wrote ({type(err).__name__}); it cannot be read, so train again"
 
 
 def require_parts(ckpt, path, *parts):
@@ -1996,17 +2012,19 @@ def saved_train_config(ckpt):
 def save_run(run, rt):
     """Rank 0 saves the run to <out-dir>/ckpt.pt."""
     if rt.master:
-        save_checkpoint(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.model, run.optimizer, run.model.cfg, run.cfg,
+        save_checkpoint(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.model, run.optimizers, run.model.cfg, run.cfg,
                         run.step, run.best_val_loss, run.data.tokenizer, run.tokens)
 
 
 def restore_run_state(run, ckpt, rt):
     """What --resume restores besides the model: the optimizer's state, the step, the best validation loss and
     the random state (of dropout: each step's batches come from their own seed, batch_generator)."""
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
-    run.optimizer.load_state_dict(ckpt["optimizer"])  # the moments; but this run's learning rates, decay, betas:
-    for group, setting in zip(run.optimizer.param_groups, settings):  # a changed --learning-rate takes effect
-        group.update(setting)
+    saved = ckpt["optimizer"]  # a list; an older file's: one state, or {"parts": [...]}
+    for optimizer, state in zip(run.optimizers, saved.get("parts", [saved]) if isinstance(saved, dict) else saved):
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(state)  # the moments; but this run's learning rates, decay and betas:
+        for group, setting in zip(optimizer.param_groups, settings):  # a changed --learning-rate takes effect
+            group.update(setting)
     run.step, run.best_val_loss, run.resumed = ckpt["step"], ckpt["best_val_loss"], True
     run.tokens = ckpt.get("tokens", run.step * run.tokens_per_step)  # (an older checkpoint: as if the batch was this one)
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
@@ -2048,6 +2066,8 @@ def check_unchanged(given, flags, saved, when="on --resume"):
     fixed.append(("tokenizer", run_flags, run_saved))
     if run_saved.tokenizer == "bpe":  # a character vocabulary comes from the text, whatever --vocab-size says
         fixed.append(("vocab_size", run_flags, run_saved))
+    if when == "on --resume":  # the saved optimizer state is AdamW's, or AdamW's and Muon's
+        fixed.append(("optimizer", run_flags, run_saved))
     for name, new, old in fixed:
         if name in given and getattr(new, name) != getattr(old, name):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(new, name)} differs from the checkpoint's "
@@ -2071,21 +2091,19 @@ def claim_out_dir(cfg):
     with out_dir_lock(cfg.out_dir):
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
-            step = saved_step(path)
-            if step is None:
-                raise ValueError(f"{path} already exists and is not a readable checkpoint: replace it with --overwrite, "
-                                 "or pass another --out-dir")
-            raise ValueError(f"{path} already exists (a checkpoint at step {step}): continue it with --resume, or "
-                             "replace it with --overwrite, or pass another --out-dir")
+            refuse_to_replace(path)
         yield
 
 
-def saved_step(path):
-    """The step a checkpoint was saved at, or None if it is not readable as one."""
+def refuse_to_replace(path):
+    """A one-line error: a checkpoint (readable or not) is in the way, and what to do about it."""
     try:  # mmap: the weights are not read
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
     except Exception:
-        return None
+        raise ValueError(f"{path} already exists and is not a readable checkpoint: replace it with --overwrite, or "
+                         "pass another --out-dir") from None
+    raise ValueError(f"{path} already exists (a checkpoint at step {step}): continue it with --resume, or replace it "
+                     "with --overwrite, or pass another --out-dir")
 
 
 @contextmanager
@@ -2093,22 +2111,10 @@ def out_dir_lock(out_dir):
     """One run at a time writes into out_dir: its lock file (pid and host) is created with O_EXCL, which only one
     run can do, and removed at the end; a lock whose owner died (SIGKILL, say) is stale, and taken over."""
     path = os.path.join(out_dir, "ckpt.pt.lock")
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # rw-r--r--: a lock is no program
-            break
-        except FileExistsError:
-            owner = read_lock(path)
-            if attempt == 0 and owner and not process_alive(*owner):
-                with suppress(FileNotFoundError):
-                    os.remove(path)
-                continue
-            who = f" (pid {owner[0]} on {owner[1]})" if owner else ""
-            raise ValueError(f"--out-dir {out_dir}: another run{who} is writing into it; wait for it, or "
-                             f"pass another --out-dir (if no run is, delete {path})") from None
-        except OSError as err:
-            raise ValueError(f"--out-dir {out_dir}: cannot write into it ({err.strerror}); pass a writable "
-                             "directory") from None
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # rw-r--r--: a lock is no program
+    except OSError as err:
+        fd = take_stale_lock(path, out_dir, err)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(f"{os.getpid()} {platform.node()}")
     try:
@@ -2116,6 +2122,20 @@ def out_dir_lock(out_dir):
     finally:
         with suppress(OSError):
             os.remove(path)
+
+
+def take_stale_lock(path, out_dir, err):
+    """The lock file exists: take it over if its owner has died on this machine, else a one-line error."""
+    owner = read_lock(path) if isinstance(err, FileExistsError) else None
+    if owner and not process_alive(*owner):
+        with suppress(FileNotFoundError):
+            os.remove(path)
+        return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    if isinstance(err, FileExistsError):
+        who = f" (pid {owner[0]} on {owner[1]})" if owner else ""
+        raise ValueError(f"--out-dir {out_dir}: another run{who} is writing into it; wait for it, or pass another "
+                         f"--out-dir (if no run is, delete {path})") from None
+    raise ValueError(f"--out-dir {out_dir}: cannot write into it ({err.strerror}); pass a writable directory") from None
 
 
 def read_lock(path):
@@ -2194,12 +2214,10 @@ def stop_on_signals(stop):
 def stop_if_diverged(run, loss=0.0):
     """A loss or weights that are no longer finite end the run before anything is saved: the checkpoint keeps
     the last finite weights."""
-    if math.isfinite(loss) and all(p.isfinite().all() for p in run.model.parameters()):
-        return
-    what = f"its loss is {loss}" if not math.isfinite(loss) else "its weights are no longer finite"
-    raise ValueError(f"the run diverged by step {run.step} ({what}) and stops: "
-                     f"{os.path.join(run.cfg.out_dir, 'ckpt.pt')} keeps the last good weights, if any; try a lower "
-                     "--learning-rate (or --muon-lr), or --grad-clip 1")
+    if not (math.isfinite(loss) and all(p.isfinite().all() for p in run.model.parameters())):
+        raise ValueError(f"the run diverged by step {run.step} (its loss or weights are no longer finite) and stops: "
+                         f"{os.path.join(run.cfg.out_dir, 'ckpt.pt')} keeps the last good weights, if any; try a lower "
+                         "--learning-rate (or --muon-lr), or --grad-clip 1")
 
 
 def save_and_say_how_to_resume(run, rt):
@@ -2213,7 +2231,7 @@ def save_and_say_how_to_resume(run, rt):
         rt.log(f"interrupted: {message}")
 
 
-# ---- The runtime: device, precision, optimizers as one, torchrun's processes, torch.compile ---------
+# ---- The runtime: device, precision, torchrun's processes, torch.compile ------------------------------
 
 @dataclasses.dataclass
 class Runtime:
@@ -2238,10 +2256,8 @@ class Runtime:
 
 
 def setup_runtime(cfg):
-    device, rank, world_size, local_rank = pick_device(cfg.device), 0, 1, 0
-    if "RANK" in os.environ:  # under torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")  # gloo: CPU tensors
-        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    device = pick_device(cfg.device)
+    rank, world_size, local_rank = join_torchrun(device) if "RANK" in os.environ else (0, 1, 0)
     if device == "cuda" and world_size > 1:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -2252,38 +2268,18 @@ def setup_runtime(cfg):
     return Runtime(device, device_type, rank, world_size, local_rank, rank == 0)
 
 
+def join_torchrun(device):
+    """(rank, world_size, local_rank) of this process among torchrun's, which sets RANK, WORLD_SIZE, LOCAL_RANK."""
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")  # gloo: CPU tensors
+    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
 def native_bf16(device_type):
     """Whether this device multiplies bfloat16 in hardware (GPUs from Ampere on, CPUs with AMX or AVX-512 BF16)."""
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     cpu_has = lambda name: getattr(torch.cpu, name, lambda: False)()  # private: absent in some torch builds
     return device_type == "cpu" and (cpu_has("_is_amx_tile_supported") or cpu_has("_is_avx512_bf16_supported"))
-
-
-class Optimizers:
-    """Several optimizers that the training loop and the checkpoint see as one."""
-
-    def __init__(self, *parts):
-        self.parts = parts
-
-    @property
-    def param_groups(self):  # a property: load_state_dict replaces each part's list of groups
-        return [group for part in self.parts for group in part.param_groups]
-
-    def step(self):
-        for part in self.parts:
-            part.step()
-
-    def zero_grad(self, set_to_none=True):
-        for part in self.parts:
-            part.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"parts": [part.state_dict() for part in self.parts]}
-
-    def load_state_dict(self, state):
-        for part, part_state in zip(self.parts, state["parts"], strict=True):
-            part.load_state_dict(part_state)
 
 
 def in_float32(attend, q, k, v, dropout_p):
@@ -2327,10 +2323,8 @@ def compile_or_fall_back(model, train_data, cfg, block_size, device, autocast):
 
 def stop_agreed(run, rt):
     """Whether to stop now; every rank must agree (at log steps, as asking is a sync), or the others would hang."""
-    if rt.world_size == 1:
-        return rt.stop["requested"]
-    if run.step % run.cfg.log_interval:
-        return False
+    if rt.world_size == 1 or run.step % run.cfg.log_interval:
+        return rt.world_size == 1 and rt.stop["requested"]
     flag = torch.tensor([float(rt.stop["requested"])], device=rt.device)
     dist.all_reduce(flag)
     return flag.item() > 0
@@ -2480,20 +2474,16 @@ def config_problem(m, c):
 def checked_ids(ids, vocab_size):
     """ids (a list, or a 1-D tensor or array) as a list of ints in [0, vocab_size), or a one-line ValueError."""
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-    bad = [i for i in ids if type(i) is not int or not 0 <= i < vocab_size]
-    if bad:
-        raise ValueError(f"{bad[0]!r} is not a token id of this vocabulary (0 to {vocab_size - 1}); pass a list or a "
-                         "1-D tensor of them")
+    for i in (i for i in ids if type(i) is not int or not 0 <= i < vocab_size):
+        raise ValueError(f"{i!r} is not a token id of this vocabulary (0 to {vocab_size - 1}); pass a list or 1-D tensor of them")
     return ids
 
 
 def check_generate(idx, max_new_tokens, vocab_size):
     """generate's input: a (B, T) tensor of token ids with T >= 1, and a count of new tokens >= 0."""
-    if not (torch.is_tensor(idx) and idx.dim() == 2 and not idx.is_floating_point()):
-        raise ValueError(f"idx must be a (batch, tokens) tensor of token ids, got {type(idx).__name__} "
-                         f"{tuple(getattr(idx, 'shape', ()))}")
-    if idx.size(1) == 0:
-        raise ValueError("the prompt holds no tokens: give at least one (gpt.py starts an empty --prompt from start_ids)")
+    if not (torch.is_tensor(idx) and idx.dim() == 2 and idx.size(1) > 0 and not idx.is_floating_point()):
+        raise ValueError("idx must be a (batch, tokens) tensor of token ids, and the prompt must hold a token at least "
+                         "(gpt.py starts an empty --prompt from start_ids)")
     checked_ids([idx.min().item(), idx.max().item()], vocab_size)  # the smallest and the largest id
     if not (type(max_new_tokens) is int and max_new_tokens >= 0):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -2520,7 +2510,7 @@ def sample(cfg, given=frozenset(), attention=None):
             "_", "-"), file=sys.stderr)
     device = pick_device(cfg.device)
     ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, attention)
-    print_sample(model, tokenizer_from_state(ckpt["tokenizer"]), cfg, device)
+    print_sample(model, tokenizer_from_state(ckpt.get("tokenizer", {})), cfg, device)
 
 
 def note_flags_without_effect(cfg, given):

@@ -870,6 +870,13 @@ SHAKESPEARE_BIT = ("FIRST CITIZEN:\nBefore we proceed any further, hear me speak
                    "FIRST CITIZEN:\nYou are all resolved rather to die than to famish?\n\n") * 40
 
 
+def step_all(optimizers):
+    """One step of each of make_optimizer's optimizers, and their gradients zeroed."""
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def tiny_gpt(**overrides):
     cfg = dict(block_size=16, n_layer=2, n_head=4, n_embd=32, vocab_size=23, dropout=0.0)
     cfg.update(overrides)
@@ -1021,7 +1028,7 @@ def test_gpt_parameter_count_and_init(variant):
 def test_weight_decay_shrinks_the_matrices_only():
     model = tiny_gpt()
     cfg = gpt.TrainConfig(learning_rate=0.5, weight_decay=0.1, beta2=0.95)
-    optimizer = gpt.make_optimizer(model, cfg, "cpu")
+    optimizer, = gpt.make_optimizer(model, cfg, "cpu")  # AdamW alone
     optimized = [p for group in optimizer.param_groups for p in group["params"]]
     assert sorted(map(id, optimized)) == sorted(map(id, model.parameters()))  # each once, the tied table too
     assert all(group["betas"] == (0.9, 0.95) for group in optimizer.param_groups)
@@ -1203,14 +1210,13 @@ def test_gpt_and_each_modern_option_overfit_a_tiny_batch(option):  # {}: GPT-2 w
     model_options = {k: v for k, v in option.items() if k != "optimizer"}
     model = tiny_gpt(**model_options).train()
     cfg = gpt.TrainConfig(optimizer=option.get("optimizer", "adamw"), learning_rate=1e-2, muon_lr=0.05)
-    optimizer = gpt.make_optimizer(model, cfg, "cpu")
+    optimizers = gpt.make_optimizer(model, cfg, "cpu")
     x, y = torch.randint(0, 23, (4, 16)), torch.randint(0, 23, (4, 16))
     first = model(x, y)[1].item()
     for _ in range(150):
         _, loss = model(x, y)
-        optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        step_all(optimizers)
     assert first > 3.0 and loss.item() < 0.1, (first, loss.item())
 
 
@@ -1290,8 +1296,8 @@ def test_newton_schulz_orthogonalises_and_is_what_muon_applies(shape):
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny_gpt(untied_head=True, mlp="swiglu", qk_norm=True)
-    optimizer = gpt.make_optimizer(model, gpt.TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.03), "cpu")
-    adamw, muon = optimizer.parts
+    optimizers = gpt.make_optimizer(model, gpt.TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.03), "cpu")
+    adamw, muon = optimizers
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
@@ -1300,14 +1306,14 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert {n for n, p in params.items() if id(p) in in_muon} == {
         n for n, p in params.items() if n.startswith("blocks.") and p.dim() == 2}
     assert {"wte.weight", "lm_head.weight", "wpe.weight"} <= {n for n, p in params.items() if id(p) in in_adamw}
-    for group in optimizer.param_groups:  # what the training loop sets: the schedule's lr times lr_scale
-        group["lr"] = 5e-4 * group.get("lr_scale", 1.0)
+    for group in (group for optimizer in optimizers for group in optimizer.param_groups):  # what training sets:
+        group["lr"] = 5e-4 * group.get("lr_scale", 1.0)  # the schedule's lr times lr_scale
     assert muon.param_groups[0]["lr"] == pytest.approx(0.015) and adamw.param_groups[0]["lr"] == 5e-4
     # a step with zero gradients: Muon only decays its matrices, by lr x weight decay; AdamW moves nothing
     before = {n: p.detach().clone() for n, p in params.items()}
     for p in params.values():
         p.grad = torch.zeros_like(p)
-    optimizer.step()
+    step_all(optimizers)
     for n, p in params.items():
         shrink = 1 - 0.015 * 0.1 if id(p) in in_muon else (1 - 5e-4 * 0.1 if p.dim() == 2 else 1)
         torch.testing.assert_close(p.detach(), before[n] * shrink, msg=n)
@@ -1346,16 +1352,15 @@ def test_training_in_bf16_follows_float32_and_keeps_float32_weights():
     curves = {}
     for dtype in ("float32", "bfloat16"):
         model = tiny_gpt(mlp="swiglu", rope=True, qk_norm=True).train()
-        optimizer = gpt.make_optimizer(model, gpt.TrainConfig(optimizer="muon", learning_rate=1e-2, muon_lr=0.05), "cpu")
+        optimizers = gpt.make_optimizer(model, gpt.TrainConfig(optimizer="muon", learning_rate=1e-2, muon_lr=0.05), "cpu")
         curves[dtype] = []
         for _ in range(150):
             with gpt.make_autocast("cpu", dtype):
                 loss = model(x, y)[1]
-            optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
+            step_all(optimizers)
             curves[dtype].append(loss.item())
-        state = [t for part in optimizer.parts for s in part.state.values() for t in s.values() if torch.is_tensor(t)]
+        state = [t for part in optimizers for s in part.state.values() for t in s.values() if torch.is_tensor(t)]
         assert all(t.dtype == torch.float32 for t in [*model.parameters(), *state])
     fp32, bf16 = curves["float32"], curves["bfloat16"]
     assert abs(bf16[0] - fp32[0]) < 0.01 and bf16[0] != fp32[0]  # the same loss, up to bf16's rounding
@@ -1400,7 +1405,7 @@ def test_modern_options_resume_exactly_and_sample_with_the_cache(options, tmp_pa
     assert [resumed[str(s)] for s in range(7, 13)] == [reference[str(s)] for s in range(7, 13)]
     assert len(set(reference.values())) > 6  # the losses move, so equal means something
     ckpt, model = gpt.load_checkpoint(os.path.join("two", "ckpt.pt"), "cpu")
-    adamw, muon = (part["param_groups"][0] for part in ckpt["optimizer"]["parts"])
+    adamw, muon = (part["param_groups"][0] for part in ckpt["optimizer"])
     cfg = gpt.TrainConfig(**ckpt["train_config"])  # a flat schedule: the peak rates, each optimizer its own
     assert (adamw["lr"], muon["lr"]) == (pytest.approx(cfg.learning_rate), pytest.approx(cfg.muon_lr))
     assert model.cfg == dataclasses.replace(gpt.parse_args(flags)[0], vocab_size=model.cfg.vocab_size)
@@ -1521,11 +1526,10 @@ def test_training_clips_the_gradient_norm(tmp_path, monkeypatch):
     norms, real_make_optimizer = [], gpt.make_optimizer
 
     def make_optimizer(model, cfg, device_type):
-        optimizer = real_make_optimizer(model, cfg, device_type)
-        first = getattr(optimizer, "parts", [optimizer])[0]  # stepped first: sees the gradients as clipped
-        first.register_step_pre_hook(lambda *_: norms.append(torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()))
-        return optimizer
+        optimizers = real_make_optimizer(model, cfg, device_type)
+        optimizers[0].register_step_pre_hook(lambda *_: norms.append(torch.linalg.vector_norm(  # stepped first: it
+            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()))  # sees them clipped
+        return optimizers
 
     monkeypatch.setattr(gpt, "make_optimizer", make_optimizer)
     gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--grad-clip", "0.05", "--max-iters", "3", "--max-new-tokens", "0"])
@@ -1617,9 +1621,8 @@ def test_checkpoint_round_trip_restores_model_optimizer_tokenizer_and_configs(tm
     x, y = torch.randint(0, 23, (2, 16)), torch.randint(0, 23, (2, 16))
 
     def step(m, opt):
-        opt.zero_grad()
         m(x, y)[1].backward()
-        opt.step()
+        step_all(opt)
 
     for _ in range(3):  # so the optimizer has moments to save
         step(model, optimizer)
@@ -1643,7 +1646,8 @@ def test_checkpoint_round_trip_restores_model_optimizer_tokenizer_and_configs(tm
     # the optimizer: one more step from the saved state == one more step of the original
     loaded.train()
     loaded_optimizer = gpt.make_optimizer(loaded, gpt.TrainConfig(**ckpt["train_config"]), "cpu")
-    loaded_optimizer.load_state_dict(ckpt["optimizer"])
+    for part, state in zip(loaded_optimizer, ckpt["optimizer"], strict=True):
+        part.load_state_dict(state)
     step(model.train(), optimizer)
     step(loaded, loaded_optimizer)
     for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
@@ -1810,15 +1814,15 @@ def test_gradient_accumulation_equals_one_batch_of_all_the_micro_batches(tmp_pat
         return batches[-1]
 
     def make_optimizer(model, cfg, device_type):
-        optimizer = real_make_optimizer(model, cfg, device_type)
+        optimizers = real_make_optimizer(model, cfg, device_type)
 
         def before_the_first_update(*_):
             if not seen:
                 seen.update(params={name: p.detach().clone() for name, p in model.named_parameters()},
                             grads={name: p.grad.clone() for name, p in model.named_parameters()}, batches=batches[-2:])
-        for part in getattr(optimizer, "parts", [optimizer]):  # AdamW, or AdamW and Muon
+        for part in optimizers:  # AdamW, or AdamW and Muon
             part.register_step_pre_hook(before_the_first_update)
-        return optimizer
+        return optimizers
 
     monkeypatch.setattr(gpt, "get_batch", recording_get_batch)
     monkeypatch.setattr(gpt, "make_optimizer", make_optimizer)
@@ -1927,20 +1931,20 @@ def data_parallel_steps(ckpt_path, data, flags, world_size):
     over the ranks of each rank's mean loss. Returns each rank's loss at the last step."""
     _, cfg, *_ = gpt.parse_args(flags)
     ckpt, model = gpt.load_checkpoint(ckpt_path, "cpu")
-    optimizer = gpt.make_optimizer(model.train(), cfg, "cpu")
-    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizers = gpt.make_optimizer(model.train(), cfg, "cpu")
+    for optimizer, state in zip(optimizers, ckpt["optimizer"], strict=True):
+        optimizer.load_state_dict(state)
     for step in range(ckpt["step"], cfg.max_iters):
-        for group in optimizer.param_groups:
+        for group in (group for optimizer in optimizers for group in optimizer.param_groups):
             group["lr"] = gpt.learning_rate(step, cfg) * group.get("lr_scale", 1.0)  # Muon's groups: their own peak
         rank_losses = []
         for rank in range(world_size):
             batches = gpt.batch_generator(cfg.seed, step, rank, world_size)
             rank_losses.append(sum(model(*gpt.get_batch(data, cfg.batch_size, model.cfg.block_size, batches, "cpu"))[1]
                                    for _ in range(cfg.grad_accum)) / cfg.grad_accum)
-        optimizer.zero_grad()
         (sum(rank_losses) / world_size).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        step_all(optimizers)
     return [loss.item() for loss in rank_losses]
 
 
@@ -2030,7 +2034,7 @@ def test_gpt_resume_keeps_the_runs_settings_unless_given_again(tmp_path, monkeyp
     assert lrs == ["1.00e-04", "1.00e-04"]  # the run's own learning rate, not the default 6e-3
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["train_config"]["learning_rate"] == 1e-4
-    adamw = ckpt["optimizer"]["parts"][0] if "parts" in ckpt["optimizer"] else ckpt["optimizer"]
+    adamw = ckpt["optimizer"][0]
     assert adamw["param_groups"][0]["lr"] == pytest.approx(1e-4)
 
 
@@ -2500,7 +2504,7 @@ def test_sampling_api_rejects_bad_settings_in_one_line_and_a_tiny_temperature_is
     model = tiny_gpt()
     with pytest.raises(ValueError, match="temperature must be"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=-1)
-    with pytest.raises(ValueError, match="the prompt holds no tokens"):
+    with pytest.raises(ValueError, match="the prompt must hold a token at least"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 5)
 
 
@@ -2743,7 +2747,7 @@ def test_resume_takes_the_new_optimizer_settings_and_keeps_counting_tokens(tmp_p
     new = ["--learning-rate", "0.002", "--muon-lr", "0.03", "--weight-decay", "0.3", "--beta2", "0.9", "--batch-size", "6"]
     gpt.main([*run, "--max-iters", "4", "--resume", *new, "--min-lr-ratio", "1", "--warmup-iters", "0"])
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    adamw, muon = (part["param_groups"] for part in ckpt["optimizer"]["parts"])
+    adamw, muon = (part["param_groups"] for part in ckpt["optimizer"])
     assert [g["betas"] for g in adamw] == [(0.9, 0.9)] * 2 and adamw[0]["weight_decay"] == 0.3
     assert adamw[0]["lr"] == pytest.approx(0.002) and muon[0]["lr"] == pytest.approx(0.03)
     assert muon[0]["weight_decay"] == 0.3 and ckpt["train_config"]["learning_rate"] == 0.002
@@ -2883,7 +2887,7 @@ def test_checkpoints_that_lack_a_part_and_bad_api_input_are_one_line_errors(tmp_
         torch.save({k: v for k, v in ckpt.items() if k != part}, tmp_path / "out" / "ckpt.pt")
         assert f"the checkpoint has no {part}" in gpt_error(command)
     torch.save({**ckpt, "tokenizer": {"kind": "char"}}, tmp_path / "out" / "ckpt.pt")
-    assert "the checkpoint's tokenizer lacks 'chars'" in gpt_error(["--sample"])
+    assert "the checkpoint has no tokenizer, or an incomplete one (it lacks 'chars'" in gpt_error(["--sample"])
     assert "missing.pt: no checkpoint; train one first with `python gpt.py` (or pass another --init-from)" in \
         gpt_error([*run, "--init-from", "missing.pt", "--out-dir", "tune"])
     tokenizer, model = gpt.CharTokenizer("abc"), tiny_gpt(vocab_size=3)
