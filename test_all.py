@@ -2934,3 +2934,27 @@ def test_every_parameter_learns_and_qk_norm_uses_its_own_weights():
     rms = lambda t, w: t / t.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt() * w  # noqa: E731
     y = gpt.attention_math(rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight), v)  # (B, nh, T, hd)
     assert torch.allclose(attn(x), attn.proj(y.transpose(1, 2).reshape(2, 16, 32)), atol=1e-5)
+
+
+# ---- README ----
+# The concept map is a reader's index into the code: every name it gives must exist, and it must stay
+# near the top of a README short enough to read.
+
+def test_readme_concept_map_names_exist_and_the_map_stays_near_the_top():
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 650, f"README.md has {len(lines)} lines: keep it at 650 or fewer"
+    start = lines.index("## Concept map") + 1  # ValueError if the heading is gone
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    assert end <= 300, f"the concept map ends at line {end}: keep it within the README's first 300 lines"
+    modules = {"gpt": gpt, "tokenizer_bpe": bpe, "bigram": bigram}
+    names = [m.groups() for span in re.findall(r"`([^`\n]+)`", "\n".join(lines[start:end]))
+             for m in re.finditer(r"(?<![\w.])(gpt|tokenizer_bpe|bigram)\.(?!py\b)([A-Za-z_][A-Za-z0-9_.]*)", span)]
+    assert len(names) >= 60, f"only {len(names)} code names found in the concept map"
+    missing, absent = [], object()
+    for module, dotted in names:
+        obj = modules[module]
+        for attribute in dotted.rstrip(".").split("."):
+            obj = getattr(obj, attribute, absent)
+        if obj is absent:
+            missing.append(f"{module}.{dotted}")
+    assert not missing, f"the README's concept map names what the code lacks: {', '.join(missing)}"
