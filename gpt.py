@@ -6,14 +6,17 @@
     python gpt.py --input corpus/ --tokenizer bpe --out-dir out-pre                 # pretrain on a directory of texts
     python gpt.py --init-from out-pre/ckpt.pt --input play.txt --out-dir out-play   # then fine-tune on one
     torchrun --standalone --nproc_per_node=2 gpt.py   # data-parallel training on 2 GPUs (or 2 CPU processes)
+    python gpt.py --sample --init-from gpt2 --prompt "Hello"      # OpenAI's GPT-2 (downloaded once) writes
+    python gpt.py --init-from gpt2 --input input.txt --out-dir out-gpt2   # fine-tune it on Shakespeare
 
 The file has three parts. Part I is the lesson: a reader who stops at its end has read everything that
 `python gpt.py` does that teaches something; it calls the machinery by names that say what they do.
   Part I    The GPT (line ~PART1). Config; data: text -> token ids -> batches; the model: attention as the formula,
             then with a cache and grouped-query heads, the MLP, the block, the GPT and what modern models
             changed; generation; training: the schedule, AdamW and Muon, evaluation, the loop.
-  Part II   Further lessons (line ~PART2). FlashAttention-2 from scratch and the attention benchmark; experiments:
-            loss curves, a scaling-law sweep, what the embeddings learned, ablations; the data benchmark.
+  Part II   Further lessons (line ~PART2). Running the real GPT-2: OpenAI's weights in this model; FlashAttention-2
+            from scratch and the attention benchmark; experiments: loss curves, a scaling-law sweep, what the
+            embeddings learned, ablations; the data benchmark.
   Part III  Machinery (line ~PART3). What a user relies on and a learner may skip: token files for corpora larger
             than memory, checkpoints that are never lost and the out-dir lock, signals and pipes, torchrun,
             the command line and its checks, main().
@@ -70,6 +73,7 @@ BELOW_1 = ("in [0, 1)", lambda x: 0 <= x < 1)
 NUMBERS = ("comma-separated positive numbers", lambda text: all(0 < float(x) < math.inf for x in text.split(",")))
 INTEGERS = ("comma-separated positive integers", lambda text: all(int(x) > 0 for x in text.split(",")))
 ATTENTIONS = ("sdpa", "math", "flash")
+MLP_CHOICES = ("gelu", "gelu_tanh", "relu2", "swiglu")  # MLP_ACTIVATIONS
 
 
 # The defaults per machine, chosen by measurement (README): a 2-core CPU gets a small model with Muon, RoPE,
@@ -97,7 +101,7 @@ class GPTConfig:
     rope: bool = flag(False, "rotary position embeddings, no position table")
     norm: str = flag("layernorm", "layernorm (GPT-2) or rmsnorm (no mean, no bias)", choices=("layernorm", "rmsnorm"))
     post_ln: bool = flag(False, "normalise after each residual add, as the 2017 transformer (default: before, pre-LN)")
-    mlp: str = flag("gelu", "gelu (GPT-2), relu2 (ReLU squared) or swiglu (gated)", choices=("gelu", "relu2", "swiglu"))
+    mlp: str = flag("gelu", "gelu, gelu_tanh (GPT-2's), relu2 (ReLU squared), swiglu (gated)", choices=MLP_CHOICES)
     qk_norm: bool = flag(False, "RMS-normalise queries and keys per head before their dot product")
     untied_head: bool = flag(False, "an output layer of its own instead of the token embedding table")
     zero_init: bool = flag(False, "output projections start at zero: each block starts as the identity")
@@ -138,9 +142,9 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model (eager if it fails)")
     resume: bool = flag(False, "continue training from <out-dir>/ckpt.pt")
     overwrite: bool = flag(False, "replace a checkpoint in <out-dir>, else an error")
-    init_from: str = flag("", "fine-tune: start from this checkpoint's weights and tokenizer, with a fresh optimizer")
+    init_from: str = flag("", "fine-tune from a checkpoint, or GPT-2: gpt2[-medium|-large|-xl], a HF dir, .safetensors")
     plot: bool = flag(True, "draw <out-dir>/loss.png from log.csv when training ends")
-    sample: bool = flag(False, "only sample from <out-dir>/ckpt.pt")
+    sample: bool = flag(False, "only sample from <out-dir>/ckpt.pt (or from --init-from's model)")
     prompt: str = flag("", "text the sample continues; empty: start after a newline")
     max_new_tokens: int = flag(500, "tokens to generate", COUNT)
     temperature: float = flag(0.8, "sampling temperature; 0 = greedy", NOT_NEGATIVE)
@@ -346,7 +350,13 @@ def swiglu(h):
     return F.silu(gate) * up
 
 
-MLP_ACTIVATIONS = {"gelu": F.gelu, "relu2": relu_squared, "swiglu": swiglu}
+def gelu_tanh(h):
+    """GPT-2's GELU: tanh(√(2/π)(h + 0.044715 h³)) in place of erf, an approximation of 2016 (Hugging Face's
+    gelu_new). At most 5e-4 from the exact one, but GPT-2's weights (Part II) expect it."""
+    return F.gelu(h, approximate="tanh")
+
+
+MLP_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu2": relu_squared, "swiglu": swiglu}
 
 
 class MLP(nn.Module):
@@ -391,7 +401,7 @@ class Block(nn.Module):
 #   --rope          positions rotate q and k instead of a learned position table (rope_frequencies)
 #   --norm rmsnorm  LayerNorm without the mean and the bias (make_norm)
 #   --post-ln       the 2017 transformer's placement, for comparison: normalise after adding (Block)
-#   --mlp relu2 / swiglu   other nonlinearities in the MLP (MLP_ACTIVATIONS)
+#   --mlp relu2 / swiglu   other nonlinearities in the MLP (MLP_ACTIVATIONS; gelu_tanh is GPT-2's own GELU)
 #   --qk-norm       queries and keys normalised per head, so their dot products cannot blow up
 #   --untied-head   the output layer is not the token embedding table
 #   --zero-init     every block starts as the identity: its output projections are zero
@@ -402,6 +412,8 @@ class Block(nn.Module):
 # head, and bf16 where the CPU multiplies it natively; --preset gpt2 turns them all off.
 
 class GPT(nn.Module):
+    from_pretrained = staticmethod(lambda name, **settings: gpt2_from_pretrained(name, **settings))  # GPT-2: Part II
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -805,6 +817,227 @@ class LabConfig:
     bench_attention: bool = flag(False, "only time sdpa, math and flash for T = 256 ... 16384, and their memory")
     bench_mem_gib: float = flag(6.0, "memory cap of each --bench-attention case (GiB)", POSITIVE)
     bench_data: int = flag(0, "only benchmark the data path on corpora of 10 MB up to this many MB", COUNT)
+
+
+# ---- Running the real GPT-2: OpenAI's weights in our model (GPT.from_pretrained, --init-from gpt2) -----------
+# Our GPT is GPT-2's architecture (pre-LN blocks, learned positions, LayerNorm with biases, scores scaled by
+# 1/√hd, the head tied to the token table), so the weights OpenAI published in 2019 load into it as they are,
+# once four things are taken care of:
+#   - their files are safetensors: a JSON header, then the raw arrays (read_safetensors)
+#   - their names differ: h.0.attn.c_attn.weight is our blocks.0.attn.qkv.weight (HF_NAMES)
+#   - their blocks' matrices are "Conv1D" layers, stored (in, out): nn.Linear stores (out, in) (gpt2_state_dict)
+#   - their GELU is the tanh approximation: --mlp gelu_tanh (gpt2_config)
+# The files come from the Hugging Face hub, downloaded once into a cache; the tokenizer is GPT-2's BPE in our
+# BPETokenizer, so a checkpoint fine-tuned from GPT-2 carries it. The tests hold the result to Hugging Face's
+# transformers: the same logits within 1e-5, the same greedy generation, the same loss.
+
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124 M, 350 M, 774 M and 1,558 M parameters
+HUB_URL = "https://huggingface.co"  # a constant, so that a test can serve the files from 127.0.0.1
+HUB_FILES = ("config.json", "model.safetensors", "vocab.json")
+
+
+def gpt2_from_pretrained(name_or_path, dropout=0.0, attention="sdpa"):
+    """GPT-2 in our GPT, on the CPU: a name of GPT2_SIZES (downloaded once), a Hugging Face model directory, or
+    its model.safetensors (config.json beside it). dropout: for fine-tuning."""
+    folder, weights_path = gpt2_files(name_or_path)
+    cfg = gpt2_config(os.path.join(folder, "config.json"), dropout, attention)
+    with torch.device("meta"):  # shapes only: no memory, no random init of weights about to be replaced
+        model = GPT(cfg)
+    model.load_state_dict(gpt2_state_dict(read_safetensors(weights_path), model, weights_path), assign=True)
+    if not cfg.untied_head:  # assign=True gave the head and the token table a parameter each: one again
+        model.lm_head.weight = model.wte.weight
+    return model.eval()
+
+
+def gpt2_files(name_or_path):
+    """(the folder, the weights file): a name's files are downloaded into the cache, once."""
+    if name_or_path in GPT2_SIZES:
+        folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llm-from-scratch",
+                              name_or_path)
+        for filename in HUB_FILES:
+            download(f"{HUB_URL}/openai-community/{name_or_path}/resolve/main/{filename}",
+                     os.path.join(folder, filename))
+        return folder, os.path.join(folder, "model.safetensors")
+    folder, weights_path = (name_or_path, os.path.join(name_or_path, "model.safetensors")) \
+        if os.path.isdir(name_or_path) else (os.path.dirname(name_or_path), name_or_path)
+    if not os.path.isfile(weights_path):
+        raise ValueError(f"{weights_path}: no such file; --init-from takes a checkpoint (ckpt.pt), or GPT-2: "
+                         f"{', '.join(GPT2_SIZES)}, a Hugging Face model directory or its model.safetensors (not "
+                         "pytorch_model.bin, a pickle)")
+    return folder, weights_path
+
+
+# The safetensors format, whole: 8 bytes, the length n of the header (little-endian); n bytes of JSON,
+# {name: {"dtype": "F32", "shape": [768, 2304], "data_offsets": [begin, end]}, ...}; then the tensors' bytes,
+# row-major and little-endian (as x86 and ARM are), each at begin..end counted from the end of the header.
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file, each a view of the file memory-mapped: a tensor's bytes are read
+    from disk when it is first used, and a 6 GB file is never held twice. A bad file: a one-line error."""
+    try:
+        with open(path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: torch wants a writable buffer
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        header.pop("__metadata__", None)
+        return {name: tensor_at(data, 8 + n, name, entry) for name, entry in header.items()}
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, an entry not a dict, ...
+        raise ValueError(f"{path}: truncated or corrupt safetensors file ({err}); download it again") from None
+
+
+def tensor_at(data, start, name, entry):
+    """One tensor of the file, once its entry is checked: a known dtype, and bytes that are there and fit."""
+    dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
+    if dtype is None:
+        raise ValueError(f"tensor {name} is {entry['dtype']}; this reader takes {', '.join(SAFETENSORS_DTYPES)}")
+    if not 0 <= begin <= end <= len(data) - start or end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"tensor {name}: bytes {begin}..{end} of {len(data) - start} for {shape} {entry['dtype']}")
+    return torch.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start + begin).view(shape)
+
+
+# config.json's settings that our GPT has one way only: (the value when absent, the values it can run).
+GPT2_SETTINGS = {"model_type": ("gpt2", ["gpt2"]),
+                 "activation_function": ("gelu_new", ["gelu_new", "gelu_pytorch_tanh"]),  # the tanh GELU, 2 names
+                 "layer_norm_epsilon": (1e-5, [1e-5]),  # make_norm's
+                 "scale_attn_weights": (True, [True]),  # scores / √hd
+                 "scale_attn_by_inverse_layer_idx": (False, [False]),
+                 "add_cross_attention": (False, [False])}
+
+
+def gpt2_config(path, dropout=0.0, attention="sdpa"):
+    """Our GPTConfig from a Hugging Face GPT-2 config.json: the sizes it gives, GPT-2's design (GPTConfig's
+    defaults) with the tanh GELU; or a one-line error if it is not GPT-2's architecture."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+        unlike = [(key, hf[key], runs[0]) for key, (absent, runs) in GPT2_SETTINGS.items()
+                  if hf.get(key, absent) not in runs]
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: cannot read a GPT-2 config.json ({err}); put the model's own beside its "
+                         "weights") from None
+    if unlike:
+        raise ValueError(f"{path}: {unlike[0][0]} is {unlike[0][1]!r}, GPT-2's is {unlike[0][2]!r}; gpt.py runs GPT-2's "
+                         "architecture only")
+    return GPTConfig(block_size=hf.get("n_positions", 1024), n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12),
+                     n_embd=hf.get("n_embd", 768), vocab_size=hf.get("vocab_size", 50257), dropout=dropout,
+                     attention=attention, mlp="gelu_tanh", untied_head=not hf.get("tie_word_embeddings", True))
+
+
+HF_NAMES = {"blocks.": "h.", ".qkv.": ".c_attn.", ".proj.": ".c_proj.", ".fc.": ".c_fc."}  # ours -> theirs
+
+
+def hf_name(ours, prefix):
+    """blocks.0.attn.qkv.weight -> h.0.attn.c_attn.weight, after prefix ("transformer." in some files)."""
+    for mine, theirs in HF_NAMES.items():
+        ours = ours.replace(mine, theirs)
+    return ours if ours == "lm_head.weight" else prefix + ours
+
+
+def gpt2_state_dict(tensors, model, path):
+    """Our state dict from their tensors: each renamed, its shape checked against our model's (on the meta device),
+    copied out of the file as float32. A block's four matrices are Conv1D (in, out): transposed to (out, in).
+    Left out: the causal masks that old files keep (attn.bias; SDPA needs none), and a tied head's copy."""
+    prefix = "transformer." if "transformer.wte.weight" in tensors else ""  # GPT2LMHeadModel's files; not GPT2Model's
+    state = {}
+    for ours, like in model.state_dict().items():
+        if ours == "lm_head.weight" and not model.cfg.untied_head:
+            continue
+        theirs = hf_name(ours, prefix)
+        conv1d = ours.startswith("blocks.") and like.dim() == 2  # every matrix in a block is one
+        if theirs not in tensors:
+            raise ValueError(f"{path}: tensor {theirs} is missing; not GPT-2's weights, or a damaged file")
+        tensor = tensors[theirs].t() if conv1d else tensors[theirs]
+        if tensor.shape != like.shape:
+            raise ValueError(f"{path}: tensor {theirs} has shape {list(tensors[theirs].shape)}, the model needs "
+                             f"{list(like.shape)[::-1] if conv1d else list(like.shape)}")
+        state[ours] = tensor.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    if not model.cfg.untied_head:
+        state["lm_head.weight"] = state["wte.weight"]
+    return state
+
+
+def crop_block_size(model, block_size):
+    """A shorter context than the one GPT-2 learned: its first block_size positions, which compute as before (the
+    attention is causal). --block-size 256 fine-tunes GPT-2 several times faster than its 1,024 on a CPU."""
+    if block_size > model.cfg.block_size:
+        raise ValueError(f"--block-size {block_size} is longer than the {model.cfg.block_size} positions GPT-2 learned")
+    model.cfg = dataclasses.replace(model.cfg, block_size=block_size)
+    model.wpe = nn.Embedding.from_pretrained(model.wpe.weight[:block_size].detach().clone(), freeze=False)
+    return model
+
+
+def download(url, path):
+    """url -> path, unless path is there. Written to a temp name and renamed when whole, so an interrupted
+    download never looks finished; a failure is one line that says how to do without the network."""
+    if os.path.exists(path):
+        return
+    import http.client
+    import urllib.request  # only downloads need them
+    part = f"{path}.{os.getpid()}.part"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        request = urllib.request.Request(url, headers={"User-Agent": "llm-from-scratch"})
+        with urllib.request.urlopen(request, timeout=60) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = copy_with_progress(response, out, f"{os.path.basename(os.path.dirname(path))} "
+                                      f"{os.path.basename(path)}", total)
+        if total and done != total:
+            raise ConnectionError(f"the connection closed after {done:,} of {total:,} bytes")
+        os.replace(part, path)
+    except (OSError, http.client.HTTPException) as err:  # URLError, timeouts and a full disk are OSErrors
+        with suppress(OSError):
+            os.remove(part)
+        reason = getattr(err, "reason", None) or err  # URLError's reason says why
+        raise ValueError(f"cannot download {url} ({reason}); without a network, put the file at {path}, or pass "
+                         "--init-from a local model directory or .safetensors file") from None
+
+
+def copy_with_progress(response, out, label, total):
+    """Copy, showing 'downloading gpt2 model.safetensors: 120/548 MB': in place on a terminal, a line every 5 s
+    in a pipe (a log would fill up with updates), and a last line when done."""
+    done, shown, tty = 0, time.monotonic(), sys.stdout.isatty()
+    start, end, of_total = "\r" if tty else "", "" if tty else "\n", f"/{total / 1e6:.0f}" if total else ""
+    while block := response.read(1 << 20):
+        out.write(block)
+        done += len(block)
+        if time.monotonic() - shown >= (0.2 if tty else 5.0):
+            print(f"{start}downloading {label}: {done / 1e6:.0f}{of_total} MB", end=end, flush=True)
+            shown = time.monotonic()
+    print(f"{start}downloaded {label}: {done / 1e6:.1f} MB", flush=True)
+    return done
+
+
+def gpt2_tokenizer(folder):
+    """GPT-2's BPE as our BPETokenizer (so a checkpoint carries it): from the vocab.json in folder, else tiktoken's
+    "gpt2" (downloaded once by tiktoken). vocab.json's ids are the ranks, the order of the merges; its tokens
+    are spelled one printable character per byte: the byte itself, or for the 68 bytes that are not printable
+    (or a space) chr(256), chr(257), ... in order."""
+    import tiktoken
+    import tokenizer_bpe
+    path = os.path.join(folder, "vocab.json")
+    if os.path.isfile(path):
+        printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+        others = [b for b in range(256) if b not in printable]
+        spelling = {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+        try:
+            with open(path, encoding="utf-8") as f:
+                vocab = json.load(f)
+            ranks = {bytes(spelling[ch] for ch in token): i for token, i in vocab.items() if token != "<|endoftext|>"}
+        except (ValueError, KeyError, AttributeError) as err:
+            raise ValueError(f"{path}: not GPT-2's vocab.json ({type(err).__name__}); download it again") from None
+        special = {name: i for name, i in vocab.items() if name == "<|endoftext|>"}
+        encoding = tiktoken.Encoding("gpt2", pat_str=tokenizer_bpe.GPT2_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens=special)
+    else:
+        encoding, problem = tokenizer_bpe.load_encoding("gpt2")
+        if encoding is None:
+            raise ValueError(f"no vocab.json in {folder}, and tiktoken cannot load GPT-2's tokenizer ({problem}); "
+                             "put GPT-2's vocab.json there")
+    return tokenizer_bpe.BPETokenizer.from_tiktoken(encoding)
 
 
 # ---- FlashAttention-2 from scratch (--attention flash) ------------------------------------------
@@ -2049,12 +2282,36 @@ def load_for_resume(cfg, model_cfg, given, device):
 
 
 def load_for_fine_tuning(cfg, model_cfg, given, device):
-    """The --init-from checkpoint's model and tokenizer; model flags given must agree with it."""
-    ckpt, model = load_checkpoint(cfg.init_from, device, model_cfg.attention if "attention" in given else None,
-                                  "--init-from")
-    check_unchanged(given, (model_cfg, cfg), (model.cfg, saved_train_config(ckpt)),
-                    "when fine-tuning (--init-from)")
-    return model, tokenizer_from_state(ckpt["tokenizer"])
+    """The --init-from model and tokenizer; model flags given must agree with it, except that GPT-2 may take
+    another --dropout or --attention, and a shorter --block-size (crop_block_size)."""
+    gpt2 = names_gpt2(cfg.init_from)
+    attention = model_cfg.attention if "attention" in given else None
+    model, tokenizer, saved = load_init_from(cfg.init_from, device, attention, model_cfg.dropout)
+    if gpt2 and "block_size" in given:
+        crop_block_size(model, model_cfg.block_size)
+    free = {"dropout", "attention", "block_size"} if gpt2 else set()
+    check_unchanged(given - free, (model_cfg, cfg), (model.cfg, saved), "when fine-tuning (--init-from)")
+    return model, tokenizer
+
+
+def names_gpt2(spec):
+    """Whether --init-from names GPT-2 (a name of GPT2_SIZES, a Hugging Face directory, a .safetensors file)
+    rather than a checkpoint of ours."""
+    return spec in GPT2_SIZES or os.path.isdir(spec) or spec.endswith(".safetensors")
+
+
+def load_init_from(spec, device, attention=None, dropout=0.0):
+    """The model, tokenizer and run settings (what check_unchanged holds flags to) that --init-from names:
+    GPT-2's (Part II; dropout for fine-tuning), or a checkpoint's of ours."""
+    if os.path.isfile(spec) and not names_gpt2(spec):
+        ckpt, model = load_checkpoint(spec, device, attention, "--init-from")
+        return model, tokenizer_from_state(ckpt["tokenizer"]), saved_train_config(ckpt)
+    model = gpt2_from_pretrained(spec, dropout, attention or "sdpa")  # no such file: an error saying what to pass
+    tokenizer = gpt2_tokenizer(gpt2_files(spec)[0])
+    if len(tokenizer.vocab) != model.cfg.vocab_size:
+        raise ValueError(f"--init-from {spec}: its tokenizer has {len(tokenizer.vocab):,} tokens, its model "
+                         f"{model.cfg.vocab_size:,}; put the model's own vocab.json beside its weights")
+    return model.to(device), tokenizer, TrainConfig(tokenizer="bpe", vocab_size=len(tokenizer.vocab))
 
 
 def check_unchanged(given, flags, saved, when="on --resume"):
@@ -2446,6 +2703,7 @@ def parse_args(argv=None):
         why = "--preset auto, " + ("CUDA is here" if preset == "gpu" else "no CUDA GPU here")
     parser = flag_parser(description=f"{__doc__.splitlines()[0]} The defaults shown are the {preset} preset's ({why}).")
     parser.set_defaults(**PRESETS[preset])
+    parser.set_defaults(**(GPT2_FINE_TUNING if first.init_from and names_gpt2(first.init_from) else {}))
     args = parser.parse_args(argv)
     model_cfg = GPTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -2456,6 +2714,16 @@ def parse_args(argv=None):
     parser.set_defaults(**{name: None for name in vars(args)})  # parse again: what is not None was typed
     given = frozenset(name for name, value in vars(parser.parse_args(argv)).items() if value is not None)
     return model_cfg, cfg, given, lab
+
+
+# nanoGPT's Shakespeare fine-tune in our flags, the defaults when --init-from names GPT-2 (flags given still win).
+# A small, constant learning rate: each step should nudge good weights, not retrain them, and 20 steps are too
+# few to schedule. AdamW, not Muon (Muon's steps have a set size whatever the gradient: made to move random
+# weights far). No weight decay: it pulls every weight towards 0, away from what pretraining learned. 32 windows
+# of 1,024 tokens per step, one at a time; dropout 0.1, as the text is small.
+GPT2_FINE_TUNING = dict(optimizer="adamw", learning_rate=3e-5, warmup_iters=0, min_lr_ratio=1.0, weight_decay=0.0,
+                        batch_size=1, grad_accum=32, max_iters=20, eval_interval=5, eval_iters=40, dropout=0.1,
+                        tokenizer="bpe")
 
 
 def config_problem(m, c):
@@ -2499,16 +2767,18 @@ def check_sampling(temperature, top_k, top_p):
 
 # The flags --sample uses; the model, its tokenizer and its training settings come from the checkpoint.
 SAMPLE_FLAGS = {"out_dir", "device", "seed", "sample", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
-                "kv_cache", "attention"}
+                "kv_cache", "attention", "init_from"}
 
 
 def sample(cfg, given=frozenset(), attention=None):
-    """python gpt.py --sample: a sample from <out-dir>/ckpt.pt; attention, if given, replaces the checkpoint's choice."""
+    """python gpt.py --sample: a sample from <out-dir>/ckpt.pt or --init-from's; attention, if given, replaces theirs."""
     ignored = sorted(given - SAMPLE_FLAGS)  # the model, its tokenizer and its settings come from the checkpoint
     if ignored:
         print(f"note: --sample takes the model from the checkpoint, so it ignores --{', --'.join(ignored)}".replace(
             "_", "-"), file=sys.stderr)
     device = pick_device(cfg.device)
+    if cfg.init_from:  # GPT-2, or a checkpoint of ours (load_init_from)
+        return print_sample(*load_init_from(cfg.init_from, device, attention)[:2], cfg, device)
     ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device, attention)
     print_sample(model, tokenizer_from_state(ckpt.get("tokenizer", {})), cfg, device)
 

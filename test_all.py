@@ -3,6 +3,7 @@
 Hermetic: no network, nothing written into the repository (files go to pytest's tmp_path).
 """
 import dataclasses
+import http.server
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import unicodedata
 import types
 from collections import Counter
@@ -2092,7 +2094,7 @@ def test_gpt_trains_on_unusual_texts(tmp_path, monkeypatch, capsys):
     (["--attention", "fast"], "argument --attention: invalid choice: 'fast' (choose from 'sdpa', 'math', 'flash')"),
     (["--bench-mem-gib", "0"], "argument --bench-mem-gib: must be positive, got 0"),
     (["--norm", "batchnorm"], "argument --norm: invalid choice: 'batchnorm' (choose from 'layernorm', 'rmsnorm')"),
-    (["--mlp", "tanh"], "argument --mlp: invalid choice: 'tanh' (choose from 'gelu', 'relu2', 'swiglu')"),
+    (["--mlp", "tanh"], "argument --mlp: invalid choice: 'tanh' (choose from 'gelu', 'gelu_tanh', 'relu2', 'swiglu')"),
     (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd' (choose from 'adamw', 'muon')"),
     (["--softcap", "-1"], "argument --softcap: must be a finite number >= 0, got -1"),
     (["--muon-lr", "0"], "argument --muon-lr: must be positive, got 0"),
@@ -2888,8 +2890,8 @@ def test_checkpoints_that_lack_a_part_and_bad_api_input_are_one_line_errors(tmp_
         assert f"the checkpoint has no {part}" in gpt_error(command)
     torch.save({**ckpt, "tokenizer": {"kind": "char"}}, tmp_path / "out" / "ckpt.pt")
     assert "the checkpoint has no tokenizer, or an incomplete one (it lacks 'chars'" in gpt_error(["--sample"])
-    assert "missing.pt: no checkpoint; train one first with `python gpt.py` (or pass another --init-from)" in \
-        gpt_error([*run, "--init-from", "missing.pt", "--out-dir", "tune"])
+    assert "missing.pt: no such file; --init-from takes a checkpoint (ckpt.pt), or GPT-2" in \
+        gpt_error([*run, "--init-from", "missing.pt", "--out-dir", "tune"])  # not --out-dir: it names a file
     tokenizer, model = gpt.CharTokenizer("abc"), tiny_gpt(vocab_size=3)
     for bad in ([-1], [3], [1.0], torch.tensor([[0]])):
         with pytest.raises(ValueError, match="is not a token id of this vocabulary"):
@@ -2958,3 +2960,199 @@ def test_readme_concept_map_names_exist_and_the_map_stays_near_the_top():
         if obj is absent:
             missing.append(f"{module}.{dotted}")
     assert not missing, f"the README's concept map names what the code lacks: {', '.join(missing)}"
+
+
+# ---- gpt.py: the real GPT-2 ----
+# Our GPT with GPT-2's weights, held to Hugging Face's transformers (the reference implementation) on one small
+# random GPT2LMHeadModel saved by save_pretrained. transformers is imported in the fixture, never at the top.
+
+GPT2_VOCAB = 300  # the fixture's tokenizer: 256 bytes, 43 merges, <|endoftext|>
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory):
+    """(a Hugging Face GPT-2 directory: config.json, model.safetensors, vocab.json and merges.txt; its model).
+    2 layers, 32 wide, every weight drawn with std 0.2: large enough for the tanh GELU and the exact one to
+    differ by 1.5e-4 in the logits, small enough for greedy generation not to repeat one token."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte spelling, in their code
+    folder = tmp_path_factory.mktemp("hf_gpt2")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=GPT2_VOCAB,
+                                     bos_token_id=None, eos_token_id=None)  # no id at which generate stops
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    learned = bpe.BPETokenizer(pattern="gpt2")
+    learned.train(SHAKESPEARE[:20_000] + " naïve café", GPT2_VOCAB - 1)
+    spelling = bytes_to_unicode()  # byte -> character, in GPT-2's order of the bytes (printable ones first)
+    spell = lambda token: "".join(spelling[b] for b in token)  # noqa: E731
+    vocab = {spelling[b]: i for i, b in enumerate(spelling)} | {"<|endoftext|>": GPT2_VOCAB - 1} | \
+        {spell(learned.vocab[i]): i for i in range(256, GPT2_VOCAB - 1)}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    merges = [f"{spell(learned.vocab[a])} {spell(learned.vocab[b])}" for a, b in learned.merges]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder, model
+
+
+def test_gpt2_from_pretrained_equals_transformers(hf_gpt2):
+    """The same logits within 1e-5, the same loss, and greedy generation with our KV cache token for token."""
+    folder, hf = hf_gpt2
+    model = gpt.GPT.from_pretrained(str(folder))
+    assert model.cfg.mlp == "gelu_tanh" and model.lm_head.weight is model.wte.weight  # tied: one parameter
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, GPT2_VOCAB, (3, 41), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, loss = model(ids[:, :-1], ids[:, 1:])  # ours takes the targets shifted; theirs shifts labels=ids
+        reference = hf(ids, labels=ids)
+    torch.testing.assert_close(logits, reference.logits[:, :-1], rtol=0, atol=1e-5)
+    assert abs(loss.item() - reference.loss.item()) < 1e-5
+    prompt = ids[:, :5]
+    ours = model.generate(prompt, 40, temperature=0, use_cache=True)
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+                         pad_token_id=0)
+    assert ours.tolist() == theirs.tolist()
+
+
+def rewrite_safetensors(src, dst, edit_header=None, edit_bytes=None):
+    """A copy of the .safetensors file src at dst, its JSON header or its bytes edited."""
+    data = src.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header, rest = json.loads(data[8:8 + n]), data[8 + n:]
+    if edit_header:
+        edit_header(header)
+    text = json.dumps(header).encode()
+    data = len(text).to_bytes(8, "little") + text + rest
+    dst.write_bytes(edit_bytes(data) if edit_bytes else data)
+
+
+def test_gpt2_weights_read_as_safetensors_writes_them_and_bad_files_are_one_line_errors(hf_gpt2, tmp_path):
+    from safetensors.torch import save_file  # the reference writer (transformers needs it)
+    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2, 2).bfloat16()}
+    save_file(tensors, tmp_path / "any.safetensors", metadata={"format": "pt"})
+    read = gpt.read_safetensors(tmp_path / "any.safetensors")
+    assert all(torch.equal(read[name], tensors[name]) for name in tensors) and read.keys() == tensors.keys()
+    folder, _ = hf_gpt2
+    shutil.copy(folder / "config.json", tmp_path)
+    weights = tmp_path / "model.safetensors"
+    qkv = "transformer.h.0.attn.c_attn.weight"
+    for edit_header, edit_bytes, message in [
+            (None, lambda data: data[:-100], "truncated or corrupt safetensors file (tensor "),
+            (None, lambda data: data[:8] + b"\xff" * 20 + data[28:], "truncated or corrupt safetensors file ('utf-8"),
+            (lambda h: h.pop("transformer.h.1.mlp.c_fc.bias"), None, "tensor transformer.h.1.mlp.c_fc.bias is missing"),
+            (lambda h: h[qkv].update(shape=[96, 32]), None, f"{qkv} has shape [96, 32], the model needs [32, 96]")]:
+        rewrite_safetensors(folder / "model.safetensors", weights, edit_header, edit_bytes)
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            gpt.GPT.from_pretrained(str(tmp_path))
+        assert "\n" not in str(info.value) and str(info.value).startswith(str(weights))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}), encoding="utf-8")
+    with pytest.raises(ValueError, match="activation_function is 'relu', GPT-2's is 'gelu_new'"):
+        gpt.GPT.from_pretrained(str(weights))
+    with pytest.raises(ValueError, match="gpt3: no such file; --init-from takes a checkpoint .*, or GPT-2: gpt2, "):
+        gpt.GPT.from_pretrained(str(tmp_path / "gpt3"))
+
+
+def test_gpt2_by_name_downloads_once_into_the_cache_and_offline_is_one_line(hf_gpt2, tmp_path, monkeypatch, capsys):
+    """The hub served from 127.0.0.1, with OpenAI's layout (GPT2Model's names, no "transformer.", the causal
+    masks kept as attn.bias): half way through model.safetensors, the cache holds only a temporary name."""
+    from safetensors.torch import load_file, save_file
+    folder, hf = hf_gpt2
+    hub = {name: (folder / name).read_bytes() for name in ("config.json", "vocab.json")}
+    state = {name.removeprefix("transformer."): t for name, t in load_file(folder / "model.safetensors").items()}
+    state["h.0.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+    save_file(state, tmp_path / "openai.safetensors")
+    hub["model.safetensors"] = (tmp_path / "openai.safetensors").read_bytes()
+    cache = tmp_path / "cache" / "llm-from-scratch"
+    half_way = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            name = self.path.split("/")[-1]
+            body, weights, cut_short = hub[name], name == "model.safetensors", "gpt2-medium" in self.path
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body) + 1000 * (weights and cut_short)))  # promised, not sent
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            for _ in range(500 if weights and not cut_short else 0):  # until the weights' file appears (5 s at most)
+                if any(entry.startswith("model") for entry in os.listdir(cache / "gpt2")):
+                    half_way.extend(os.listdir(cache / "gpt2"))
+                    break
+                time.sleep(0.01)
+            self.wfile.write(body[len(body) // 2:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    monkeypatch.setattr(gpt, "HUB_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    try:
+        model = gpt.GPT.from_pretrained("gpt2")
+        assert "downloaded gpt2 model.safetensors: " in capsys.readouterr().out
+        with pytest.raises(ValueError, match=r"cannot download .*gpt2-medium/resolve/main/model.safetensors \(the "
+                                             r"connection closed after [\d,]+ of [\d,]+ bytes\)"):
+            gpt.GPT.from_pretrained("gpt2-medium")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(half_way) == 2 and sorted(half_way)[1].startswith("model.safetensors.") and \
+        sorted(half_way)[1].endswith(".part")  # config.json, and the weights under a temporary name
+    assert sorted(os.listdir(cache / "gpt2")) == sorted(gpt.HUB_FILES)
+    assert os.listdir(cache / "gpt2-medium") == ["config.json"]  # nothing of the cut download
+    ids = torch.randint(0, GPT2_VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
+    for loaded in (model, gpt.GPT.from_pretrained("gpt2")):  # again, from the cache, with the server gone
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids)[0], hf(ids).logits, rtol=0, atol=1e-5)
+    url = f"http://127.0.0.1:{server.server_address[1]}/openai-community/gpt2-large/resolve/main/config.json"
+    with pytest.raises(ValueError) as info:  # nothing listens there now
+        gpt.GPT.from_pretrained("gpt2-large")
+    path = str(cache / "gpt2-large" / "config.json")
+    assert re.fullmatch(f"cannot download {re.escape(url)} \\(.*Connection refused\\); without a network, put the file "
+                        f"at {re.escape(path)}, or pass --init-from a local model directory or .safetensors file",
+                        str(info.value))
+    assert os.listdir(cache / "gpt2-large") == []
+
+
+def test_gpt2_tokenizer_from_vocab_json_equals_transformers(hf_gpt2, monkeypatch):
+    import transformers
+    folder, _ = hf_gpt2
+    ours = gpt.gpt2_tokenizer(str(folder))
+    theirs = transformers.GPT2Tokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    text = "ROMEO: What light through yonder window breaks?\n\tnaïve  café 12345!<|endoftext|>First Citizen:"
+    assert ours.encode(text, allowed_special="all") == theirs.encode(text) and len(ours.vocab) == GPT2_VOCAB
+    assert ours.decode(ours.encode(text, allowed_special="all")) == text
+    monkeypatch.setattr(bpe, "load_encoding", lambda name: (None, "not on disk, and the download failed"))
+    with pytest.raises(ValueError, match="no vocab.json in .*, and tiktoken cannot load GPT-2's tokenizer \\(not on"):
+        gpt.gpt2_tokenizer(str(folder / "nowhere"))
+
+
+def test_fine_tuning_and_sampling_gpt2_from_the_command_line(hf_gpt2, tmp_path, monkeypatch, capsys):
+    folder, _ = hf_gpt2
+    _, cfg, _, _ = gpt.parse_args(["--init-from", "gpt2", "--max-iters", "3"])  # the recipe: defaults, not orders
+    assert (cfg.learning_rate, cfg.optimizer, cfg.grad_accum, cfg.max_iters) == (3e-5, "adamw", 32, 3)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "play.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    tune = ["--init-from", str(folder), "--input", "play.txt", "--block-size", "32", "--grad-accum", "2",
+            "--eval-iters", "1", "--max-iters", "2", "--eval-interval", "2", "--max-new-tokens", "0", "--no-plot"]
+    gpt.main([*tune, "--device", "cpu"])
+    assert f"fine-tuning {folder}: its weights and tokenizer" in capsys.readouterr().out
+    ckpt, tuned = gpt.load_checkpoint(os.path.join("out", "ckpt.pt"), "cpu")
+    assert (tuned.cfg.block_size, tuned.cfg.dropout, tuned.cfg.mlp, ckpt["train_config"]["learning_rate"]) == \
+        (32, 0.1, "gelu_tanh", 3e-5)
+    assert gpt.tokenizer_from_state(ckpt["tokenizer"]).to_dict() == gpt.gpt2_tokenizer(str(folder)).to_dict()
+    gpt.main(["--sample", "--init-from", str(folder), "--out-dir", "elsewhere", "--prompt", "ROMEO:", "--max-new-tokens",
+              "5", "--temperature", "0"])
+    tokenizer = gpt.gpt2_tokenizer(str(folder))
+    greedy = gpt.GPT.from_pretrained(str(folder)).generate(torch.tensor([tokenizer.encode("ROMEO:")]), 5, temperature=0)
+    assert capsys.readouterr().out.startswith(tokenizer.decode(greedy[0].tolist()) + "\n")  # as transformers' (above)
+    assert "gpt3.pt: no such file; --init-from takes a checkpoint (ckpt.pt)" in gpt_error(["--init-from", "gpt3.pt",
+                                                                                           "--out-dir", "q"])
+    assert "--tokenizer char differs from the checkpoint's bpe, and cannot change when fine-tuning" in \
+        gpt_error([*tune, "--tokenizer", "char", "--out-dir", "q"])
+    assert "--block-size 65 is longer than the 64 positions GPT-2 learned" in \
+        gpt_error([*tune, "--block-size", "65", "--out-dir", "q"])
