@@ -1819,6 +1819,7 @@ def plot_attention(model, tokenizer, prompt, png_path):
         ax.set_xticks(ticks if bottom else [], labels if bottom else [], fontsize=5, rotation=90)
         ax.set_yticks(ticks if head == 0 else [], labels if head == 0 else [], fontsize=5)
     fig.suptitle("attention weights: row = the token attending, column = the token attended to", fontsize=9)
+    fig.subplots_adjust(left=0.03, right=0.99, bottom=0.06, top=0.9, wspace=0.05, hspace=0.15)  # less white
     fig.savefig(png_path + ".tmp", dpi=150, format="png")
     plt.close(fig)
     os.replace(png_path + ".tmp", png_path)
