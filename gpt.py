@@ -8,6 +8,7 @@
     torchrun --standalone --nproc_per_node=2 gpt.py   # data-parallel training on 2 GPUs (or 2 CPU processes)
     python gpt.py --sample --init-from gpt2 --prompt "Hello"      # OpenAI's GPT-2 (downloaded once) writes
     python gpt.py --init-from gpt2 --input input.txt --out-dir out-gpt2   # fine-tune it on Shakespeare
+    python gpt.py --evaluate val.txt             # out/ckpt.pt on any text: its loss, its surprises, its heads
 
 The file has three parts. Part I is the lesson: a reader who stops at its end has read everything that
 `python gpt.py` does that teaches something; it calls the machinery by names that say what they do.
@@ -16,7 +17,8 @@ The file has three parts. Part I is the lesson: a reader who stops at its end ha
             changed; generation; training: the schedule, AdamW and Muon, evaluation, the loop.
   Part II   Further lessons (line ~PART2). Running the real GPT-2: OpenAI's weights in this model; FlashAttention-2
             from scratch and the attention benchmark; experiments: loss curves, a scaling-law sweep, what the
-            embeddings learned, ablations; the data benchmark.
+            embeddings learned, ablations; looking inside: attention from the ground up, a checkpoint measured on
+            any text, what its heads do; the data benchmark.
   Part III  Machinery (line ~PART3). What a user relies on and a learner may skip: token files for corpora larger
             than memory, checkpoints that are never lost and the out-dir lock, signals and pipes, torchrun,
             the command line and its checks, main().
@@ -28,6 +30,7 @@ import errno
 import gc
 import glob
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -41,6 +44,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unicodedata
@@ -145,7 +149,7 @@ class TrainConfig:
     init_from: str = flag("", "fine-tune from a checkpoint, or GPT-2: gpt2[-medium|-large|-xl], a HF dir, .safetensors")
     plot: bool = flag(True, "draw <out-dir>/loss.png from log.csv when training ends")
     sample: bool = flag(False, "only sample from <out-dir>/ckpt.pt (or from --init-from's model)")
-    prompt: str = flag("", "text the sample continues; empty: start after a newline")
+    prompt: str = flag("", "text the sample continues (--evaluate: attention.png's); empty: a newline (a passage)")
     max_new_tokens: int = flag(500, "tokens to generate", COUNT)
     temperature: float = flag(0.8, "sampling temperature; 0 = greedy", NOT_NEGATIVE)
     top_k: int = flag(0, "sample among the k likeliest tokens; 0 = off", COUNT)
@@ -817,6 +821,8 @@ class LabConfig:
     bench_attention: bool = flag(False, "only time sdpa, math and flash for T = 256 ... 16384, and their memory")
     bench_mem_gib: float = flag(6.0, "memory cap of each --bench-attention case (GiB)", POSITIVE)
     bench_data: int = flag(0, "only benchmark the data path on corpora of 10 MB up to this many MB", COUNT)
+    explain_attention: bool = flag(False, "only print attention built from the ground up: each step's code and numbers")
+    evaluate: str = flag("", "only measure <out-dir>/ckpt.pt on this text (as --input): loss, surprises, heads")
 
 
 # ---- Running the real GPT-2: OpenAI's weights in our model (GPT.from_pretrained, --init-from gpt2) -----------
@@ -1277,20 +1283,20 @@ def read_csv(path):
         return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def new_figure():
+def new_figure(rows=1, cols=1, figsize=(7, 4.5)):
     """matplotlib is imported here only: training, sampling and the tests that do not draw never load it.
     Agg renders to files, so no display is needed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     plt.rcParams.update({"axes.formatter.min_exponent": 3})  # 0.5, 2, 300 rather than 5e-1, 2e0, 3e2
-    return plt, *plt.subplots(figsize=(7, 4.5))
+    return plt, *plt.subplots(rows, cols, figsize=figsize)
 
 
-def save_figure(plt, fig, path):
+def save_figure(plt, fig, path, dpi=110, bbox_inches="tight"):
     """The picture as a PNG file, written whole or not at all (a full disk is a one-line error)."""
     with replaced_whole(path, "the picture") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches=bbox_inches)
     plt.close(fig)
 
 
@@ -1702,6 +1708,458 @@ def mean_spread(values):
     return f"{t.mean():.4f} ± {t.std() if len(values) > 1 else 0:.4f}"
 
 
+# ---- Looking inside, 1: attention from the ground up (--explain-attention) ------------------------------
+# What it teaches: attention_math's formula built the way a learner builds it, in steps small enough to check
+# by hand: a running average (a loop, a matrix, a softmax over a -inf mask), weights from dot products,
+# trainable queries, keys and values, the √d_k scale, the causal mask and dropout, several heads, until it
+# is CausalSelfAttention. walk() prints each step's code, runs it, and prints what it returns.
+
+TOY = torch.tensor([[1.0, 2.0], [3.0, 0.0], [5.0, 4.0], [-1.0, 6.0]])  # (T, C) = (4, 2): averages by hand
+# "Your journey starts with one step": each token a forged 3-d vector (S. Raschka, "Build a Large Language
+# Model (From Scratch)", ch. 3), so that every number can be checked by hand
+JOURNEY = torch.tensor([[0.43, 0.15, 0.89], [0.55, 0.87, 0.66], [0.57, 0.85, 0.64],
+                        [0.22, 0.58, 0.33], [0.77, 0.25, 0.10], [0.05, 0.80, 0.55]])  # (T, C) = (6, 3)
+
+
+def average_by_loop(x):
+    """The lecture's trick: each position becomes the mean of itself and the positions before it. A loop:"""
+    xbow = torch.stack([x[:t + 1].mean(dim=0) for t in range(len(x))])  # (T, C)
+    return dict(xbow=xbow)
+
+
+def average_by_matrix(x):
+    """The same as one product with a lower-triangular matrix, whose row t holds 1/(t+1) t+1 times:"""
+    wei = torch.ones(len(x), len(x)).tril()
+    wei = wei / wei.sum(dim=1, keepdim=True)  # (T, T): each row sums to 1
+    return dict(wei=wei, xbow=wei @ x)  # (T, T) @ (T, C) -> (T, C)
+
+
+def average_by_softmax(x):
+    """The same as a softmax over scores that are 0 where a position may look and -inf in its future.
+    Attention keeps this form, and lets the scores depend on the tokens:"""
+    future = torch.ones(len(x), len(x), dtype=torch.bool).triu(1)  # (T, T): True above the diagonal
+    wei = torch.zeros(len(x), len(x)).masked_fill(future, float("-inf")).softmax(dim=-1)  # exp(-inf) = 0
+    return dict(wei=wei, xbow=wei @ x)
+
+
+def attention_of_journey(inputs):
+    """Self-attention without trainable weights: "journey" scores each token by a dot product (how alike the
+    two vectors are), the softmax makes the scores weights, and its new vector is the weighted mean:"""
+    query = inputs[1]  # (C,): "journey"
+    scores = inputs @ query  # (T,): one dot product per token
+    weights = scores.softmax(dim=0)  # (T,): positive, summing to 1
+    return dict(scores=scores, weights=weights, context=weights @ inputs)  # (C,)
+
+
+def attention_of_all(inputs):
+    """All six at once: the dot products are one matrix product, the softmax runs along each row:"""
+    scores = inputs @ inputs.T  # (T, T): row i scores every token for token i
+    weights = scores.softmax(dim=-1)  # (T, T)
+    return dict(weights=weights, contexts=weights @ inputs)  # (T, C): row 1 is journey's context again
+
+
+def queries_keys_values(inputs, d_k=2, seed=123):
+    """Trainable weights: three matrices give each token a query (what it looks for), a key (what it offers)
+    and a value (what it passes on); random here, learned by gradient descent in a model:"""
+    g = torch.Generator().manual_seed(seed)
+    W_q, W_k, W_v = (torch.rand(inputs.size(1), d_k, generator=g) for _ in range(3))  # (C, d_k) each
+    queries, keys, values = inputs @ W_q, inputs @ W_k, inputs @ W_v  # (T, d_k) each
+    return dict(queries=queries, keys=keys, values=values, scores=queries @ keys.T)  # (T, T): query i, key j
+
+
+def why_divide_by_sqrt_dk(d_k=64, seed=0):
+    """Why the scores are divided by √d_k: a dot product of d_k numbers of variance 1 has variance d_k, so at a
+    real head size the softmax is nearly one-hot and its gradient nearly 0: the head cannot learn where to
+    look. Divided by √d_k the scores have variance 1 again. 1000 random queries, 16 keys each:"""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(1000, d_k, generator=g) @ torch.randn(16, d_k, generator=g).T  # (1000, 16)
+    scaled = scores / math.sqrt(d_k)
+    return dict(score_std=scores.std(), largest_weight=scores.softmax(dim=-1).amax(dim=-1).mean(),
+                scaled_std=scaled.std(), largest_weight_scaled=scaled.softmax(dim=-1).amax(dim=-1).mean())
+
+
+def causal_mask(scores, values, d_k=2, p=0.5, seed=123):
+    """The causal mask: a token may not look at the tokens after it, which it learns to predict: -inf before the
+    softmax, or the same, zero the future after it and renormalise each row. While training, dropout zeroes
+    each weight with probability p and scales the rest by 1/(1-p) (attention_math's F.dropout):"""
+    scores = scores / math.sqrt(d_k)  # step 7
+    future = torch.ones(len(scores), len(scores), dtype=torch.bool).triu(1)  # (T, T)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    after = scores.softmax(dim=-1).masked_fill(future, 0.0)
+    after = after / after.sum(dim=-1, keepdim=True)
+    torch.manual_seed(seed)  # F.dropout draws from the global generator
+    return dict(weights=weights, max_difference=(weights - after).abs().max(), contexts=weights @ values,
+                dropped=F.dropout(weights, p, training=True))
+
+
+def several_heads(x, attn):
+    """Several heads side by side, each with its own rows of the query, key and value matrices (here those of a
+    CausalSelfAttention, attn); their outputs concatenated, then mixed by one projection:"""
+    B, T, C = x.shape
+    hd = C // attn.n_head  # each head's width
+    (W_q, W_k, W_v), (b_q, b_k, b_v) = attn.qkv.weight.split(C), attn.qkv.bias.split(C)  # (C, C), (C,) each
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    heads = []
+    for h in range(attn.n_head):
+        rows = slice(h * hd, (h + 1) * hd)
+        q, k, v = (x @ W[rows].T + b[rows] for W, b in ((W_q, b_q), (W_k, b_k), (W_v, b_v)))  # (B, T, hd) each
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(future, float("-inf")).softmax(dim=-1)
+        heads.append(weights @ v)  # (B, T, hd)
+    return dict(y=attn.proj(torch.cat(heads, dim=-1)))  # (B, T, C)
+
+
+def one_matrix_for_all_heads(x, attn, y):
+    """CausalSelfAttention does all heads at once: one matrix makes every head's q, k and v, and one call
+    attends with them all, by the formula (attention_math) or the fused kernel (SDPA). Both give the heads'
+    y, to float32's rounding:"""
+    differences = {}
+    for name in ("math", "sdpa"):
+        attn.attend = pick_attention(name)
+        differences[f"{name}_vs_heads"] = (attn(x) - y).abs().max()
+    return differences
+
+
+def show(value):
+    """A tensor as a reader checks it by hand: to 4 decimals, a matrix one row per line."""
+    if value.dim() == 0:
+        return f"{value.item():.4g}"
+    rows = value.reshape(-1, value.size(-1)).tolist()  # (1, T, C): one sequence's rows
+    return "\n".join("[" + ", ".join(f"{v:7.4f}" for v in row) + "]" for row in rows)
+
+
+def walk(number, step, *args):
+    """Print what a step does and its code, run it, print what it returns."""
+    print("\n" + textwrap.fill(f"{number}. " + " ".join(step.__doc__.split()), 110))
+    print(textwrap.indent(textwrap.dedent(inspect.getsource(step).split('"""')[2]).strip("\n"), "    "))
+    results = step(*args)
+    for name, value in results.items():
+        shown = show(value)
+        print(f"  -> {name} =" + (textwrap.indent("\n" + shown, "     ") if "\n" in shown else " " + shown))
+    return results
+
+
+def explain_attention(seed=1337):
+    """--explain-attention: the walk-through. Returns each step's results, for the tests."""
+    print(f"Attention from the ground up: each step's code, then what it computes.\n\nx = {TOY.tolist()}")
+    r = {}
+    for number, step in enumerate((average_by_loop, average_by_matrix, average_by_softmax), 1):
+        r[step.__name__] = walk(number, step, TOY)
+    r["agree"] = max((r[name]["xbow"] - r["average_by_loop"]["xbow"]).abs().max() for name in r)
+    print(f"\nthe loop, the matrix and the softmax agree: largest difference {r['agree']:.1g}")
+    words = "Your journey starts with one step".split()
+    inputs = ", ".join(f"{word} {[round(v, 2) for v in row]}" for word, row in zip(words, JOURNEY.tolist()))
+    print("\n" + textwrap.fill(f"inputs: {inputs}", 110))
+    r["journey"] = walk(4, attention_of_journey, JOURNEY)
+    r["all"] = walk(5, attention_of_all, JOURNEY)
+    r["qkv"] = walk(6, queries_keys_values, JOURNEY)
+    r["scale"] = walk(7, why_divide_by_sqrt_dk)
+    r["causal"] = walk(8, causal_mask, r["qkv"]["scores"], r["qkv"]["values"])
+    torch.manual_seed(seed)
+    attn = CausalSelfAttention(GPTConfig(n_embd=8, n_head=4, block_size=len(JOURNEY)))
+    with torch.no_grad():
+        attn.qkv.bias.normal_(0.0, 0.02)  # not zero, so that the comparison covers the biases too
+        x = torch.randn(1, len(JOURNEY), 8)  # (B, T, C)
+        print(f"\nx: random, {tuple(x.shape)}; attn = CausalSelfAttention(GPTConfig(n_embd=8, n_head=4))")
+        r["heads"] = walk(9, several_heads, x, attn)
+        r["fused"] = walk(10, one_matrix_for_all_heads, x, attn, r["heads"]["y"])
+    return r
+
+
+# ---- Looking inside, 2: a checkpoint measured on any text (--evaluate FILE) ------------------------------
+# What it teaches: how good a model is, in the units models are compared in: nats per token (the training
+# loss), bits per character and per byte (comparable across tokenizers) and perplexity (e^loss: as unsure as a
+# choice among that many tokens), beside a model that knows nothing (ln V: every token equally likely).
+# Every token after a document's first is predicted once, from up to block_size tokens before it: windows
+# of block_size tokens slide by half a block, and each scores only the tokens that no window scored before
+# (its last half), so a token sees from half a block to a block of context (fewer in a document's first half
+# block), at two forward passes per token. Training's val loss averages every position of random windows,
+# the first ones with almost no context, so it is a little higher: the loss by length of context shows why.
+
+def sliding_windows(n_tokens, block_size, stride):
+    """[(start, first)] over a document of n_tokens >= 2 tokens: a window's inputs are tokens start ..
+    start+block-1, its targets the token after each, and it scores them from its position first on."""
+    last = max(0, n_tokens - 1 - block_size)  # the last window ends at the last target
+    windows, scored = [], 0  # scored: targets 1 .. scored are done
+    for start in [*range(0, last, stride), last]:
+        windows.append((start, scored - start))
+        scored = start + block_size
+    return windows
+
+
+@contextmanager
+def recorded_attention(model):
+    """Every attention layer computes its weights explicitly, by attention_math, and appends them, (B, nh, T, L),
+    to the list this yields; the model's output is the same."""
+    maps = []
+
+    def attend_and_record(q, k, v, dropout_p=0.0):
+        eye = torch.eye(k.size(2), dtype=q.dtype, device=q.device).expand(*k.shape[:3], k.size(2))  # (B, n_kv, L, L)
+        weights = attention_math(q, k, eye)  # (B, nh, T, L): the weights times the identity
+        maps.append(weights.float())
+        return weights @ v.repeat_interleave(q.size(1) // v.size(1), dim=1)  # (B, nh, T, hd)
+
+    for block in model.blocks:
+        block.attn.attend = attend_and_record
+    try:
+        yield maps
+    finally:
+        for block in model.blocks:
+            block.attn.attend = pick_attention(model.cfg.attention)
+
+
+def attention_measures(weights, newline):
+    """What a head does at each query t, from its weights (..., T, T) and newline (..., T) (the token ends a line):
+    (..., T, 4): the distance it looks back (sum over s of w(t, s)·(t - s)), its weight on the previous token,
+    on the start of t's line (where that is neither t nor t-1, not to count them twice), and on t itself."""
+    T = weights.size(-1)
+    t = torch.arange(T, device=weights.device)
+    distance = (weights * (t[:, None] - t).clamp(min=0)).sum(dim=-1)  # (..., T)
+    previous = F.pad(weights[..., t[1:], t[1:] - 1], (1, 0), value=math.nan)  # (..., T): none for t = 0
+    line_start = F.pad(torch.where(newline, t + 1, 0)[..., :-1].cummax(dim=-1).values, (1, 0))  # (..., T)
+    line_start = line_start.expand(weights.shape[:-1])
+    on_start = weights.gather(-1, line_start[..., None])[..., 0].masked_fill(line_start >= t - 1, math.nan)
+    return torch.stack([distance, previous, on_start, weights.diagonal(dim1=-2, dim2=-1)], dim=-1)
+
+
+@torch.inference_mode()
+def score_document(model, ids, newline, tally):
+    """The loss of every token after the first (sliding_windows, a stride of half a block), 32 windows at a time;
+    what the heads do on the rows scored, and the loss at each position of the windows, are added to tally."""
+    block, device = model.cfg.block_size, model.wte.weight.device
+    T, data, losses = min(block, len(ids) - 1), torch.tensor(ids), torch.empty(len(ids) - 1)
+    windows = sliding_windows(len(ids), block, max(1, block // 2))
+    for i in range(0, len(windows), 32):
+        batch = windows[i:i + 32]
+        x, y = (torch.stack([data[s + j:s + j + T] for s, _ in batch]).to(device) for j in (0, 1))  # (B, T) each
+        with recorded_attention(model) as maps:
+            logits, _ = model(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(len(batch), T)
+        for row, (start, first) in enumerate(batch):
+            losses[start + first:start + T] = loss[row, first:].cpu()
+        tally["position_sum"][:T] += loss.sum(dim=0).cpu()
+        tally["position_rows"][:T] += len(batch)
+        unscored = torch.arange(T, device=device) < torch.tensor([first for _, first in batch], device=device)[:, None]
+        for layer, weights in enumerate(maps):
+            m = attention_measures(weights, newline[x][:, None]).masked_fill(unscored[:, None, :, None], math.nan)
+            tally["head_sum"][layer] += m.nansum(dim=(0, 2)).cpu()  # (nh, 4)
+            tally["head_rows"][layer] += m.isnan().logical_not().sum(dim=(0, 2)).cpu()
+    return losses
+
+
+def evaluate(model, tokenizer, spec):
+    """Every document of spec (a file, a directory or a glob, as --input takes) scored: [(name, text, ids,
+    losses)], and the tally of what the windows showed. A character the model cannot encode is a one-line error."""
+    model.eval()
+    m = model.cfg
+    newline = torch.tensor(["\n" in tokenizer.decode([i]) for i in range(m.vocab_size)], device=model.wte.weight.device)
+    tally = dict(head_sum=torch.zeros(m.n_layer, m.n_head, 4), head_rows=torch.zeros(m.n_layer, m.n_head, 4),
+                 position_sum=torch.zeros(m.block_size), position_rows=torch.zeros(m.block_size))
+    scored = []
+    for path in input_files(spec, "--evaluate"):
+        for number, pieces in enumerate(documents([path]), 1):
+            name, text = f"{path} #{number}" if path.endswith(".jsonl") else path, "".join(pieces)
+            try:
+                ids = tokenizer.encode(text, allowed_special="all")
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+            if len(ids) > 1:
+                scored.append((name, text, ids, score_document(model, ids, newline, tally)))
+    if not scored:
+        raise ValueError(f"{spec}: no document holds two tokens, so there is nothing to predict")
+    return scored, tally
+
+
+def character_losses(text, ids, losses, tokenizer):
+    """(len(text),): each character's loss in nats, nan for the first token's (nothing predicts it). A token's
+    loss is shared equally by its bytes, and a character gets its bytes' shares: so a passage's losses add up
+    to its tokens', even where a BPE token holds half a character."""
+    pieces = [tokenizer.vocab[i] for i in ids]  # a char vocab holds characters, a BPE vocab bytes
+    sizes = torch.tensor([len(p if isinstance(p, bytes) else p.encode("utf-8")) for p in pieces])  # (N,)
+    per_byte = torch.repeat_interleave(torch.cat([torch.tensor([math.nan]), losses]) / sizes, sizes)  # (bytes,)
+    char_bytes = torch.tensor([len(c.encode("utf-8")) for c in text])  # (len(text),)
+    char_of_byte = torch.repeat_interleave(torch.arange(len(text)), char_bytes)  # (bytes,)
+    return torch.zeros(len(text)).index_add_(0, char_of_byte, per_byte)
+
+
+def print_losses(scored, char_losses, vocab_size):
+    """Per document (up to 20) and in total: nats per token, bits per character and per byte, perplexity; and
+    the uniform baseline, ln V."""
+    def row(name, nats, tokens, chars, n_bytes):
+        bits = nats / math.log(2)
+        print(f"{name[-40:]:<40} {tokens:>10,} {nats / tokens:>10.4f} {bits / chars:>10.4f} {bits / n_bytes:>10.4f} "
+              f"{math.exp(nats / tokens):>10.2f}")
+    print(f"{'document':<40} {'tokens':>10} {'nats/token':>10} {'bits/char':>10} {'bits/byte':>10} {'perplexity':>10}")
+    total = [0.0, 0, 0, 0]
+    for (name, text, ids, losses), char_loss in zip(scored, char_losses):
+        first = int(char_loss.isnan().sum())  # the first token's characters
+        counts = [losses.sum().item(), len(losses), len(text) - first, len(text.encode()) - len(text[:first].encode())]
+        if len(scored) <= 20:
+            row(name, *counts)
+        total = [a + b for a, b in zip(total, counts)]
+    row(f"total ({len(scored)} documents)", *total)
+    row(f"uniform over {vocab_size} tokens (ln V)", math.log(vocab_size) * total[1], *total[1:])
+
+
+# ---- Looking inside, 3: where the model is surprised -----------------------------------------------------
+# What it teaches: which characters carry the loss. A passage is shown with each character shaded by its loss,
+# and the characters grouped by context (the first letter of a word against the rest, a speaker's name
+# against the lines spoken), each group's mean loss measured.
+
+LOSS_EDGES = (0.5, 1.0, 2.0, 3.0, 5.0)  # nats: the model gave the character e^-0.5 = 61 % ... e^-5 < 1 %
+SHADES = (None, 230, 222, 215, 209, 196)  # ANSI 256-colour backgrounds, pale yellow to red
+
+
+def shaded(text, bucket):
+    """text on the background colour of a loss bucket (ANSI escape codes); bucket 0 as it is."""
+    return f"\x1b[48;5;{SHADES[bucket]}m\x1b[38;5;16m{text}\x1b[0m" if bucket else text
+
+
+def print_surprise(text, char_loss, colour, position, lines=14):
+    """The text from position on, each character shaded by its loss: on a terminal by colour; in a pipe, under
+    each line a line of digits, each the loss bucket of the character above it (blank: below 0.5 nats)."""
+    ranges = [f"< {LOSS_EDGES[0]}", *(f"{a}-{b}" for a, b in zip(LOSS_EDGES, LOSS_EDGES[1:])), f">= {LOSS_EDGES[-1]}"]
+    if colour:
+        print("\nwhere the model is surprised, in nats: " + " ".join(shaded(f" {r} ", b) for b, r in enumerate(ranges)))
+    else:
+        print("\nwhere the model is surprised (under each character its loss in nats: " +
+              ", ".join(f"{b or 'blank'}: {r}" for b, r in enumerate(ranges)) + "; ↵ is the newline):")
+    for line in text[position:].split("\n")[:lines]:
+        losses = char_loss[position:position + len(line) + 1].tolist()  # its characters' and its newline's
+        buckets = [sum(v >= edge for edge in LOSS_EDGES) for v in losses]  # nan: 0
+        if colour:
+            print("".join(map(shaded, line + "↵", buckets)))
+        else:
+            print(line + "↵" + ("\n" + "".join(str(b) if b else " " for b in buckets)).rstrip())
+        position += len(line) + 1
+
+
+def char_contexts(text):
+    """Groups of the text's characters, {name: (len(text),) bool}. A speaker's name is a line ending in ':'
+    after a blank line (or at the start), as in input.txt."""
+    before = "\n" + text[:-1]  # the character before each
+    letter, after_letter = (torch.tensor([c.isalpha() for c in s]) for s in (text, before))
+    name, newline = torch.zeros(len(text), dtype=torch.bool), torch.tensor([c == "\n" for c in text])
+    for match in re.finditer(r"(?:\A|(?<=\n\n))[^\n]+:(?=\n)", text):
+        name[match.start():match.end()] = True
+    return {"first letter of a word": letter & ~after_letter, "rest of a word": letter & after_letter,
+            "speaker's name (NAME: line)": name, "the lines spoken (other lines)": ~name & ~newline,
+            "first letter of a name": name & torch.tensor([b == "\n" for b in before]),
+            "end of a line (newline)": newline, "after . , ; : ! ?": torch.tensor([b in ".,;:!?" for b in before])}
+
+
+def print_contexts(texts, char_losses):
+    """Each group's characters, mean loss (nats and bits) and share of all the loss, hardest first."""
+    groups, total = {}, sum(loss.nansum().item() for loss in char_losses)
+    for text, loss in zip(texts, char_losses):
+        for name, mask in char_contexts(text).items():
+            mask &= ~loss.isnan()
+            n, s = groups.get(name, (0, 0.0))
+            groups[name] = n + mask.sum().item(), s + loss[mask].sum().item()
+    print(f"\n{'context (hardest first)':<32} {'characters':>10} {'nats':>7} {'bits':>6} {'share of the loss':>18}")
+    for name, (n, s) in sorted(groups.items(), key=lambda group: -group[1][1] / max(group[1][0], 1)):
+        mean = s / max(n, 1)
+        print(f"{name:<32} {n:>10,} {mean:>7.3f} {mean / math.log(2):>6.2f} {s / total:>17.1%}")
+
+
+# ---- Looking inside, 4: what the heads do, and whether the model learns in context ----------------------
+# What it teaches: where each head looks: on a prompt (attention.png), and over the evaluated text as four
+# numbers (attention_measures). Then Olsson et al. (2022), "In-context learning and induction heads":
+# random tokens, repeated. The first copy cannot be predicted; the second can, by a model that finds the
+# earlier occurrence of the current token and copies the token that followed it. A head that does so, an
+# induction head, attends from each token of the second copy to that follower. The paper finds that it takes
+# two layers: a head that notes at each position the token before it, and a later one that looks for it.
+
+def induction_scores(weights, n):
+    """weights (..., 2n, 2n) on a sequence whose second half repeats its first -> (...,): each head's mean
+    weight, over the second copy, on the token after the same token's first occurrence (t - n + 1)."""
+    t = torch.arange(n, 2 * n, device=weights.device)
+    return weights[..., t, t - n + 1].mean(dim=-1)
+
+
+@torch.inference_mode()
+def repeated_tokens_test(model, n=None, sequences=32, seed=0):
+    """Random sequences of n tokens, each repeated once within a block -> the mean loss on the first copy and
+    on the second (without their first tokens, which nothing predicts), and each head's induction score
+    (n_layer, nh)."""
+    model.eval()
+    n = n or model.cfg.block_size // 2
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(model.cfg.vocab_size, (sequences, n), generator=g)  # (S, n)
+    x = torch.cat([first, first], dim=1).to(model.wte.weight.device)  # (S, 2n)
+    with recorded_attention(model) as maps:
+        logits, _ = model(x)  # (S, 2n, V): position t predicts token t+1
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
+    loss = loss.view(sequences, 2 * n - 1)  # [:, j]: the loss of token j+1
+    return dict(first_copy=loss[:, :n - 1].mean().item(), second_copy=loss[:, n:].mean().item(),
+                induction=torch.stack([induction_scores(w, n).mean(dim=0) for w in maps]).cpu())
+
+
+def print_heads(tally, induction):
+    """The head table: what each head does over the text (tally), and its induction score."""
+    means = tally["head_sum"] / tally["head_rows"].clamp(min=1)  # (n_layer, nh, 4)
+    print("\nwhat the heads do over the text (mean distance looked back in tokens; share of the weight on the "
+          "previous token, the line's start, itself), and their induction score on repeated random tokens:")
+    print(f"{'layer':>5} {'head':>4} {'looks back':>10} {'previous':>9} {'line start':>10} {'itself':>7} "
+          f"{'induction':>9}")
+    for layer, head in np.ndindex(*induction.shape):
+        distance, previous, start, itself = means[layer, head].tolist()
+        print(f"{layer:>5} {head:>4} {distance:>10.1f} {previous:>9.1%} {start:>10.1%} {itself:>7.1%} "
+              f"{induction[layer, head].item():>9.1%}")
+
+
+@torch.inference_mode()
+def plot_attention(model, tokenizer, prompt, png_path):
+    """attention.png: every head of every layer on the prompt's first block_size tokens, a heat map each (row:
+    the token attending; column: the token attended to). Tokens label the outer axes only."""
+    ids = tokenizer.encode(prompt, allowed_special="all")[:model.cfg.block_size]
+    with recorded_attention(model) as maps:
+        model(torch.tensor([ids], device=model.wte.weight.device))
+    labels, ticks = [repr(tokenizer.decode([i]))[1:-1] for i in ids], range(len(ids))
+    n_layer, n_head = len(maps), maps[0].size(1)
+    plt, fig, axes = new_figure(n_layer, n_head, (3.3 * n_head, 3.3 * n_layer + 0.5))
+    for (layer, head), ax in zip(np.ndindex(n_layer, n_head), np.ravel(axes)):
+        ax.imshow(maps[layer][0, head].cpu().numpy(), vmin=0.0, vmax=1.0)
+        ax.set_title(f"layer {layer}, head {head}", fontsize=8)
+        bottom = layer == n_layer - 1
+        ax.set_xticks(ticks if bottom else [], labels if bottom else [], fontsize=5, rotation=90)
+        ax.set_yticks(ticks if head == 0 else [], labels if head == 0 else [], fontsize=5)
+    fig.suptitle("attention weights: row = the token attending, column = the token attended to", fontsize=9)
+    fig.subplots_adjust(left=0.03, right=0.99, bottom=0.06, top=0.9, wspace=0.05, hspace=0.15)  # less white
+    save_figure(plt, fig, png_path, dpi=150, bbox_inches=None)
+
+
+def evaluate_checkpoint(cfg, spec):
+    """--evaluate: <out-dir>/ckpt.pt on the text: 1) its loss, 2) where it is surprised, 3) what its heads do,
+    and in-context learning, 4) attention.png on --prompt, or on the passage shown."""
+    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), pick_device(cfg.device))
+    tokenizer, m = tokenizer_from_state(ckpt["tokenizer"]), model.cfg
+    t0 = time.perf_counter()
+    scored, tally = evaluate(model, tokenizer, spec)
+    seconds = time.perf_counter() - t0
+    char_losses = [character_losses(text, ids, losses, tokenizer) for _, text, ids, losses in scored]
+    print_losses(scored, char_losses, m.vocab_size)
+    by_context = (tally["position_sum"] / tally["position_rows"])[tally["position_rows"] > 0]  # [t]: t+1 tokens seen
+    half = len(by_context) // 2
+    print(f"{sum(len(s[3]) for s in scored):,} tokens in {seconds:.1f} s, each predicted once, from {half + 1} to "
+          f"{2 * half} tokens of context (from fewer in a document's first {half}: windows of {m.block_size} tokens "
+          f"every {m.block_size // 2}). The loss with 1 token of context: {by_context[0]:.3f}, 2 to {half}: "
+          f"{by_context[1:half].mean():.3f}, more: {by_context[half:].mean():.3f}; their mean, as training's val loss "
+          f"weighs them: {by_context.mean():.4f} (the checkpoint's: {ckpt['best_val_loss']:.4f})")
+    text = scored[0][1]
+    cut = text.find("\n\n", len(text) // 2)  # the passage shown: the first paragraph after the middle
+    start = cut + 2 if cut >= 0 else 0
+    print_surprise(text, char_losses[0], sys.stdout.isatty(), start)
+    print_contexts([s[1] for s in scored], char_losses)
+    icl = repeated_tokens_test(model, seed=cfg.seed)
+    print_heads(tally, icl["induction"])
+    print(f"in-context learning: random sequences of {m.block_size // 2} tokens, repeated: loss "
+          f"{icl['first_copy']:.3f} nats on the first copy, {icl['second_copy']:.3f} on the second (ln V: "
+          f"{math.log(m.vocab_size):.3f})")
+    prompt, png = cfg.prompt or text[start:start + 64], os.path.join(cfg.out_dir, "attention.png")
+    plot_attention(model, tokenizer, prompt, png)
+    print(f"drew {png}: every head on {prompt[:40]!r}...")
+
+
 # ---- The data path at scale, measured (--bench-data): memory flat in the corpus size, time linear ----
 
 def bench_data(cfg, max_mb, keep):
@@ -1798,8 +2256,8 @@ def load_token_files(cfg, tokenizer, log):
                 meta["train"]["characters"] + meta["val"]["characters"], documents)
 
 
-def input_files(spec):
-    """--input as a sorted list of files: the file itself, every *.txt and *.jsonl file below a directory,
+def input_files(spec, option="--input"):
+    """--input (or --evaluate, the option) as a sorted list of files: the file itself, every *.txt and *.jsonl file below a directory,
     or the files a glob matches."""
     if os.path.isdir(spec):
         files = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
@@ -1812,9 +2270,9 @@ def input_files(spec):
     else:
         files, what = [], "no such file"
     if not files:
-        raise ValueError(f"{spec}: {what}; pass a text file, a directory or a quoted glob with --input")
+        raise ValueError(f"{spec}: {what}; pass a text file, a directory or a quoted glob with {option}")
     if len(files) == 1 and os.path.getsize(files[0]) == 0:
-        raise ValueError(f"{files[0]}: file is empty; pass a text file with --input")
+        raise ValueError(f"{files[0]}: file is empty; pass a text file with {option}")
     return sorted(files)
 
 
@@ -2808,6 +3266,10 @@ def main(argv=None):
         ablation(cfg, model_cfg, lab)
     elif lab.embeddings:
         show_embeddings(cfg)
+    elif lab.explain_attention:
+        explain_attention()
+    elif lab.evaluate:
+        evaluate_checkpoint(cfg, lab.evaluate)
     else:
         note_flags_without_effect(cfg, given)
         train(cfg, model_cfg, given)

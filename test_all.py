@@ -4,6 +4,7 @@ Hermetic: no network, nothing written into the repository (files go to pytest's 
 """
 import dataclasses
 import http.server
+import inspect
 import json
 import math
 import os
@@ -3156,3 +3157,185 @@ def test_fine_tuning_and_sampling_gpt2_from_the_command_line(hf_gpt2, tmp_path, 
         gpt_error([*tune, "--tokenizer", "char", "--out-dir", "q"])
     assert "--block-size 65 is longer than the 64 positions GPT-2 learned" in \
         gpt_error([*tune, "--block-size", "65", "--out-dir", "q"])
+
+
+# ---- gpt.py: looking inside ----
+
+def attend_by_hand(query, keys, values, scale=1.0):
+    """Dot products, their softmax, the weighted mean of the values: in plain Python."""
+    scores = [sum(a * b for a, b in zip(query, key)) / scale for key in keys]
+    weights = [math.exp(s) / sum(map(math.exp, scores)) for s in scores]
+    return scores, weights, [sum(w * value[c] for w, value in zip(weights, values)) for c in range(len(values[0]))]
+
+
+def test_walkthrough_numbers_equal_hand_computations_and_it_prints_the_code_it_runs(capsys):
+    r = gpt.explain_attention()
+    out = capsys.readouterr().out
+    rows = gpt.JOURNEY.tolist()
+    scores, weights, context = attend_by_hand(rows[1], rows, rows)  # "journey" against all six
+    assert r["journey"]["scores"].tolist() == pytest.approx(scores, abs=1e-6)
+    assert r["journey"]["weights"].tolist() == pytest.approx(weights, abs=1e-6)
+    assert r["journey"]["context"].tolist() == pytest.approx(context, abs=1e-6)
+    assert "scores = [ 0.9544,  1.4950,  1.4754,  0.8434,  0.7070,  1.0865]" in out  # what a reader checks
+    assert "context = [ 0.4419,  0.6515,  0.5683]" in out
+    for i, row in enumerate(rows):  # all six at once: row i is token i's computation
+        _, weights, context = attend_by_hand(row, rows, rows)
+        assert r["all"]["weights"][i].tolist() == pytest.approx(weights, abs=1e-6)
+        assert r["all"]["contexts"][i].tolist() == pytest.approx(context, abs=1e-6)
+    g = torch.Generator().manual_seed(123)  # queries, keys, values: the inputs times three seeded matrices
+    for name in ("queries", "keys", "values"):
+        assert torch.allclose(r["qkv"][name], gpt.JOURNEY @ torch.rand(3, 2, generator=g), atol=1e-6)
+    q, k, v = (r["qkv"][name].tolist() for name in ("queries", "keys", "values"))
+    for t in range(len(q)):  # causal: query t against keys 0 .. t only, scaled by √d_k = √2
+        _, weights, context = attend_by_hand(q[t], k[:t + 1], v[:t + 1], math.sqrt(2))
+        assert r["causal"]["weights"][t].tolist() == pytest.approx(weights + [0.0] * (len(q) - t - 1), abs=1e-6)
+        assert r["causal"]["contexts"][t].tolist() == pytest.approx(context, abs=1e-6)
+    assert r["causal"]["max_difference"] < 1e-6  # -inf before the softmax == renormalise after
+    dropped, weights = r["causal"]["dropped"], r["causal"]["weights"]  # p = 0.5: each weight dropped or doubled
+    assert torch.all((dropped == 0) | torch.isclose(dropped, 2 * weights)) and (dropped > weights).any()
+    assert (dropped == 0).logical_and(weights > 0).any()
+    scale = r["scale"]  # d_k = 64: scores spread by √64 = 8, a nearly one-hot softmax; scaled, spread 1
+    assert scale["score_std"] == pytest.approx(8.0, rel=0.1) and scale["scaled_std"] == pytest.approx(1.0, rel=0.1)
+    assert scale["largest_weight"] > 0.6 > 0.4 > scale["largest_weight_scaled"]
+    for step in (gpt.attention_of_journey, gpt.causal_mask, gpt.several_heads):  # the code shown is the code run
+        body = inspect.getsource(step).split('"""')[2].strip("\n").splitlines()
+        assert all(line in out for line in body)
+
+
+def test_the_loop_matrix_and_softmax_averages_agree_with_a_hand_average():
+    for x in (gpt.TOY, torch.randn(7, 3, generator=torch.Generator().manual_seed(0))):
+        by_hand = torch.stack([sum(x[s] for s in range(t + 1)) / (t + 1) for t in range(len(x))])
+        for average in (gpt.average_by_loop, gpt.average_by_matrix, gpt.average_by_softmax):
+            assert torch.allclose(average(x)["xbow"], by_hand, atol=1e-6), average.__name__
+    assert gpt.average_by_loop(gpt.TOY)["xbow"].tolist() == [[1, 2], [2, 1], [3, 2], [2, 3]]
+
+
+def test_several_heads_and_the_recorded_attention_equal_causal_self_attention():
+    for n_embd, n_head in ((8, 4), (12, 2), (6, 1)):
+        torch.manual_seed(n_embd)
+        attn = gpt.CausalSelfAttention(gpt.GPTConfig(n_embd=n_embd, n_head=n_head, block_size=5))
+        with torch.no_grad():
+            attn.qkv.bias.normal_()
+            attn.proj.bias.normal_()
+            x = torch.randn(3, 5, n_embd)
+            y = gpt.several_heads(x, attn)["y"]
+            assert torch.allclose(y, attn(x), atol=1e-5)
+            assert max(gpt.one_matrix_for_all_heads(x, attn, y).values()) < 1e-5  # attention_math and SDPA
+    # the recorder (with RoPE and grouped-query heads): the same output, and causal weights whose rows sum to 1
+    model = tiny_gpt(vocab_size=11, block_size=12, n_kv_head=2, rope=True)
+    x = torch.randint(11, (3, 12), generator=torch.Generator().manual_seed(1))
+    expected, _ = model(x)
+    with gpt.recorded_attention(model) as maps:
+        got, _ = model(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert len(maps) == 2 and maps[0].shape == (3, 4, 12, 12) and (maps[0].triu(1) == 0).all()
+    assert torch.allclose(maps[1].sum(dim=-1), torch.ones(3, 4, 12))
+    assert all(block.attn.attend is gpt.attention_sdpa for block in model.blocks)  # put back
+
+
+def test_sliding_windows_score_every_token_exactly_once():
+    for n, block, stride in [(2, 8, 4), (9, 8, 4), (10, 8, 4), (11, 8, 4), (50, 8, 4), (50, 8, 3),
+                             (50, 8, 1), (50, 8, 8), (37, 16, 5)]:
+        scored, context = [], {}
+        for start, first in gpt.sliding_windows(n, block, stride):
+            T = min(block, n - 1)
+            assert 0 <= first and 0 <= start and start + T <= n - 1  # the window's targets exist
+            scored += [start + p + 1 for p in range(first, T)]  # the tokens it scores
+            context.update({start + p + 1: p + 1 for p in range(first, T)})  # and how many tokens each sees
+        assert sorted(scored) == list(range(1, n)), (n, block, stride)
+        assert all(context[j] >= min(j, block - stride + 1) for j in scored)
+
+
+def test_evaluate_equals_the_loss_of_each_token_from_its_window_and_names_an_unknown_character(tmp_path, capsys):
+    tokenizer = gpt.CharTokenizer("".join(sorted(set(SHAKESPEARE_BIT))))
+    model = tiny_gpt(vocab_size=len(tokenizer.chars), rope=True)  # block 16
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # far from the near-uniform start, so that the context matters
+    gpt.save_checkpoint(str(tmp_path / "ckpt.pt"), model, [], model.cfg, gpt.TrainConfig(), 0, 3.0, tokenizer)  # no optimizer: --evaluate reads none
+    texts = {"a.txt": SHAKESPEARE_BIT[:120], "b.txt": "ALL:\nSpeak."}  # longer than a block; shorter
+    (tmp_path / "val").mkdir()
+    for name, text in texts.items():
+        (tmp_path / "val" / name).write_text(text, encoding="utf-8")
+    gpt.main(["--evaluate", str(tmp_path / "val"), "--out-dir", str(tmp_path), "--device", "cpu", "--prompt", "ALL:"])
+    out = capsys.readouterr().out
+    losses = []
+    for text in texts.values():  # token j, from the tokens its window gives it: one forward pass each
+        ids = tokenizer.encode(text)
+        for j in range(1, len(ids)):
+            start = 0 if j <= 16 else min(8 * math.ceil((j - 16) / 8), len(ids) - 1 - 16)  # stride: half a block
+            logits, _ = model(torch.tensor([ids[start:j]]))
+            losses.append(F.cross_entropy(logits[0, -1], torch.tensor(ids[j])).item())
+    nats = sum(losses) / len(losses)
+    total = re.search(r"^total \(2 documents\) +([\d,]+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)$", out, re.M)
+    assert int(total[1].replace(",", "")) == len(losses)
+    assert float(total[2]) == pytest.approx(nats, abs=5e-5)
+    assert float(total[3]) == float(total[4]) == pytest.approx(nats / math.log(2), abs=5e-5)  # a char per token
+    assert float(total[5]) == pytest.approx(math.exp(nats), abs=0.006)
+    assert re.search(rf"^uniform over {len(tokenizer.chars)} tokens \(ln V\) .* {math.log(len(tokenizer.chars)):.4f} ", out, re.M)
+    assert "under each character its loss in nats" in out and "\x1b[" not in out  # a pipe: no colours
+    assert "first letter of a word" in out and "induction" in out
+    assert_png(tmp_path / "attention.png")
+    (tmp_path / "val" / "c.txt").write_text("ALL:\nObey.", encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        gpt.main(["--evaluate", str(tmp_path / "val"), "--out-dir", str(tmp_path), "--device", "cpu"])
+    assert "\n" not in str(err.value) and "'O'" in str(err.value) and "c.txt" in str(err.value)
+    with pytest.raises(ValueError, match="with --evaluate$"):
+        gpt.main(["--evaluate", str(tmp_path / "nothing.txt"), "--out-dir", str(tmp_path)])
+
+
+def test_head_statistics_of_a_previous_token_a_line_start_and_an_induction_head():
+    text = "ab\ncde\nfgh"  # lines start at 0, 3 and 7
+    T, newline = len(text), torch.tensor([c == "\n" for c in text])
+    previous, line_start = torch.zeros(T, T), torch.zeros(T, T)
+    previous[0, 0] = 1.0
+    previous[torch.arange(1, T), torch.arange(T - 1)] = 1.0
+    starts = [0, 0, 0, 3, 3, 3, 3, 7, 7, 7]  # each position's line start, by hand
+    line_start[torch.arange(T), torch.tensor(starts)] = 1.0
+    m = gpt.attention_measures(torch.stack([previous, line_start]), newline)  # (2, T, 4)
+    assert m[0, :, 0].tolist() == [0.0] + [1.0] * (T - 1)  # looks back one token
+    assert math.isnan(m[0, 0, 1]) and m[0, 1:, 1].tolist() == [1.0] * (T - 1)  # all on the previous token
+    assert m[0, :, 3].tolist() == [1.0] + [0.0] * (T - 1)  # on itself only where nothing precedes
+    assert [t for t in range(T) if not math.isnan(m[0, t, 2])] == [2, 5, 6, 9]  # line start neither t nor t-1
+    assert m[0, [2, 5, 6, 9], 2].tolist() == [0.0] * 4 and m[1, [2, 5, 6, 9], 2].tolist() == [1.0] * 4
+    assert m[1, :, 0].tolist() == [t - s for t, s in enumerate(starts)]
+    n = 5  # a sequence of 5 tokens, repeated
+    induction = torch.zeros(2 * n, 2 * n)
+    induction[torch.arange(n), 0] = 1.0
+    induction[torch.arange(n, 2 * n), torch.arange(n, 2 * n) - n + 1] = 1.0  # to the follower of its first occurrence
+    uniform = torch.ones(2 * n, 2 * n).tril() / torch.arange(1, 2 * n + 1)[:, None]
+    scores = gpt.induction_scores(torch.stack([induction, previous[:2 * n, :2 * n], uniform]), n)
+    assert scores.tolist() == pytest.approx([1.0, 0.0, sum(1 / (t + 1) for t in range(n, 2 * n)) / n])
+
+
+def test_the_second_copy_of_repeated_tokens_scores_lower_on_a_model_that_copies():
+    V, n = 12, 6
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=V, block_size=2 * n, n_layer=1, n_head=2, n_embd=32))
+    untrained = gpt.repeated_tokens_test(model, n=n)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(60):  # random sequences, repeated: a model learns to copy
+        first = torch.randint(V, (32, n), generator=g)
+        x = torch.cat([first, first], dim=1)
+        _, loss = model(x[:, :-1], x[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = gpt.repeated_tokens_test(model, n=n, seed=1)
+    assert abs(untrained["second_copy"] - untrained["first_copy"]) < 0.1  # nothing learned, nothing copied
+    assert trained["first_copy"] > math.log(V) - 0.3  # the first copy stays unpredictable
+    assert trained["second_copy"] < 0.3 * trained["first_copy"]
+    assert trained["induction"].max() > 0.5  # a head looks at the token after the earlier occurrence
+
+
+def test_a_tokens_loss_is_shared_by_its_bytes_and_the_surprise_view_shades_by_loss(capsys):
+    class HalfCharacters:  # a tokenizer whose tokens cut "é" (2 bytes) in half, as BPE tokens may
+        vocab = {0: b"a", 1: b"\xc3", 2: b"\xa9b"}
+    losses = gpt.character_losses("aéb", [0, 1, 2], torch.tensor([1.0, 4.0]), HalfCharacters())
+    assert math.isnan(losses[0]) and losses[1:].tolist() == [1.0 + 2.0, 2.0]  # é: all of token 1, half of token 2
+    gpt.print_surprise("ab\ncd", torch.tensor([math.nan, 0.7, 6.0, 0.1, 2.5]), False, 0)
+    assert capsys.readouterr().out.splitlines()[2:] == ["ab↵", " 15", "cd↵", " 3"]  # in a pipe: digits
+    gpt.print_surprise("ab\ncd", torch.tensor([math.nan, 0.7, 6.0, 0.1, 2.5]), True, 0)
+    assert "\x1b[48;5;196m\x1b[38;5;16m↵" in capsys.readouterr().out  # on a terminal: colours (the newline: >= 5 nats)
