@@ -1,27 +1,22 @@
 """A GPT from scratch in one file: the model, its training and its generation, then the lab around them.
 
-    python gpt.py                                # train on input.txt, save out/ckpt.pt, print a sample
-    python gpt.py --sample --prompt "ROMEO:"     # sample from the saved checkpoint
-    python gpt.py --help                         # every flag, with the defaults that apply on this machine
-    python gpt.py --input corpus/ --tokenizer bpe --out-dir out-pre                 # pretrain on a directory of texts
-    python gpt.py --init-from out-pre/ckpt.pt --input play.txt --out-dir out-play   # then fine-tune on one
-    torchrun --standalone --nproc_per_node=2 gpt.py   # data-parallel training on 2 GPUs (or 2 CPU processes)
-    python gpt.py --sample --init-from gpt2 --prompt "Hello"      # OpenAI's GPT-2 (downloaded once) writes
-    python gpt.py --init-from gpt2 --input input.txt --out-dir out-gpt2   # fine-tune it on Shakespeare
-    python gpt.py --evaluate val.txt             # out/ckpt.pt on any text: its loss, its surprises, its heads
+    python gpt.py                              # train on input.txt, save out/ckpt.pt, print a sample
+    python gpt.py --sample --prompt "ROMEO:"   # sample from it (--help: every flag, with its default here)
+    python gpt.py --evaluate val.txt           # out/ckpt.pt on any text: its loss, its surprises, its heads
+    python gpt.py --input corpus/ --tokenizer bpe --out-dir pre    # pretrain on a corpus, then fine-tune on
+    python gpt.py --init-from pre/ckpt.pt --input play.txt         # a play (--init-from gpt2: OpenAI's GPT-2)
+    torchrun --standalone --nproc_per_node=2 gpt.py                 # data-parallel: 2 GPUs or 2 CPU processes
 
-The file has three parts. Part I is the lesson: a reader who stops at its end has read everything that
-`python gpt.py` does that teaches something; it calls the machinery by names that say what they do.
-  Part I    The GPT (line ~PART1). Config; data: text -> token ids -> batches; the model: attention as the formula,
-            then with a cache and grouped-query heads, the MLP, the block, the GPT and what modern models
+Three parts. Part I is the lesson: a reader who stops at its end has read everything that `python gpt.py`
+does that teaches something; it calls the machinery by names that say what they do.
+  Part I    The GPT (line ~PART1). Config; data: text -> token ids -> batches; the model: attention as the
+            formula, then with a cache and grouped-query heads, the block, the GPT and what modern models
             changed; generation; training: the schedule, AdamW and Muon, evaluation, the loop.
-  Part II   Further lessons (line ~PART2). Running the real GPT-2: OpenAI's weights in this model; FlashAttention-2
-            from scratch and the attention benchmark; experiments: loss curves, a scaling-law sweep, what the
-            embeddings learned, ablations; looking inside: attention from the ground up, a checkpoint measured on
-            any text, what its heads do; the data benchmark.
-  Part III  Machinery (line ~PART3). What a user relies on and a learner may skip: token files for corpora larger
-            than memory, checkpoints that are never lost and the out-dir lock, signals and pipes, torchrun,
-            the command line and its checks, main().
+  Part II   Further lessons (line ~PART2). The real GPT-2 in this model; FlashAttention-2 and the attention
+            benchmark; experiments: loss curves, scaling laws, embeddings, ablations; looking inside: attention
+            from the ground up, a checkpoint measured on any text, its heads; the data benchmark.
+  Part III  Machinery (line ~PART3). What a user relies on and a learner may skip: token files, checkpoints
+            never lost, the out-dir lock, signals and pipes, torchrun, the command line, main().
 """
 import argparse
 import csv
@@ -65,6 +60,14 @@ import torch.nn.functional as F
 
 # ---- Config: the single source of every hyperparameter; each field is also a --flag ----------
 
+def number(text, kind):
+    """text as a kind (int or float), or nan if it is none: nan fails every test of a flag's rule."""
+    try:
+        return kind(text)
+    except ValueError:
+        return math.nan
+
+
 def flag(default, help, valid=None, choices=None):
     """A config field and its --flag (add_flags, Part III): its help, and the values it takes."""
     return dataclasses.field(default=default, metadata={"help": help, "valid": valid, "choices": choices})
@@ -74,8 +77,9 @@ def flag(default, help, valid=None, choices=None):
 AT_LEAST_1, COUNT = ("at least 1", lambda x: x >= 1), ("0 or more", lambda x: x >= 0)
 POSITIVE, NOT_NEGATIVE = ("positive", lambda x: 0 < x < math.inf), ("a finite number >= 0", lambda x: 0 <= x < math.inf)
 BELOW_1 = ("in [0, 1)", lambda x: 0 <= x < 1)
-NUMBERS = ("comma-separated positive numbers", lambda text: all(0 < float(x) < math.inf for x in text.split(",")))
-INTEGERS = ("comma-separated positive integers", lambda text: all(int(x) > 0 for x in text.split(",")))
+NUMBERS = ("comma-separated positive numbers", lambda text: all(0 < number(x, float) < math.inf for x in text.split(",")))
+INTEGERS = ("comma-separated positive integers", lambda text: all(number(x, int) > 0 for x in text.split(",")))
+SEEDS = ("comma-separated integers >= 0", lambda text: all(number(x, int) >= 0 for x in text.split(",")))
 ATTENTIONS = ("sdpa", "math", "flash")
 MLP_CHOICES = ("gelu", "gelu_tanh", "relu2", "swiglu")  # MLP_ACTIVATIONS
 
@@ -183,16 +187,6 @@ def make_tokenizer(cfg, chars, bpe_sample, log):
     """char: one token per character of the text (validation's too, so that none is unknown); bpe: merges
     learned from bpe_sample, the start of the training text only, so that they never peek at validation."""
     return CharTokenizer("".join(sorted(chars))) if cfg.tokenizer == "char" else train_bpe(bpe_sample, cfg.vocab_size, log)
-
-
-def train_bpe(text, vocab_size, log):
-    """A byte-level BPE tokenizer trained on text (tokenizer_bpe.py, the lesson of its own)."""
-    import tokenizer_bpe  # only the BPE option needs it
-    t0 = time.perf_counter()
-    tokenizer = tokenizer_bpe.BPETokenizer()
-    tokenizer.train(text, vocab_size)
-    log(f"trained a BPE tokenizer of {len(tokenizer.vocab)} tokens in {time.perf_counter() - t0:.2f} s")
-    return tokenizer
 
 
 @dataclasses.dataclass
@@ -416,7 +410,10 @@ class Block(nn.Module):
 # head, and bf16 where the CPU multiplies it natively; --preset gpt2 turns them all off.
 
 class GPT(nn.Module):
-    from_pretrained = staticmethod(lambda name, **settings: gpt2_from_pretrained(name, **settings))  # GPT-2: Part II
+    @staticmethod
+    def from_pretrained(name_or_path, **settings):
+        """OpenAI's GPT-2 (gpt2, gpt2-medium, ..., a Hugging Face directory): gpt2_from_pretrained, Part II."""
+        return gpt2_from_pretrained(name_or_path, **settings)
 
     def __init__(self, cfg):
         super().__init__()
@@ -810,19 +807,40 @@ def train(cfg, model_cfg, given=frozenset()):
 
 @dataclasses.dataclass
 class LabConfig:
-    """The lab's flags: each replaces training with a study or a benchmark (main, Part III)."""
+    """The lab's flags: each study replaces training (run_study); its options only go with it."""
     sweep: bool = flag(False, "scaling-law sweep: train every width at every budget")
     sweep_budgets: str = flag("3e11,1e12,3e12", "training FLOPs of each sweep budget", NUMBERS)
     sweep_widths: str = flag("16,24,32,48,64", "n_embd of each sweep model", INTEGERS)
     ablation: str = flag("", "options or depth: every row, every --ablation-seeds", choices=("", "options", "depth"))
-    ablation_seeds: str = flag("1,2,3", "seeds of each ablation row", ("comma-separated integers >= 0",
-                                                                       lambda text: all(int(x) >= 0 for x in text.split(","))))
+    ablation_seeds: str = flag("1,2,3", "seeds of each ablation row", SEEDS)
     embeddings: bool = flag(False, "show what <out-dir>/ckpt.pt's token embeddings learned")
     bench_attention: bool = flag(False, "only time sdpa, math and flash for T = 256 ... 16384, and their memory")
     bench_mem_gib: float = flag(6.0, "memory cap of each --bench-attention case (GiB)", POSITIVE)
     bench_data: int = flag(0, "only benchmark the data path on corpora of 10 MB up to this many MB", COUNT)
     explain_attention: bool = flag(False, "only print attention built from the ground up: each step's code and numbers")
     evaluate: str = flag("", "only measure <out-dir>/ckpt.pt on this text (as --input): loss, surprises, heads")
+
+
+LAB_FLAGS = frozenset(field.name for field in dataclasses.fields(LabConfig))
+STUDY_OPTIONS = {"sweep": ("sweep_budgets", "sweep_widths"), "ablation": ("ablation_seeds",),
+                 "bench_attention": ("bench_mem_gib",)}
+
+
+def run_study(cfg, model_cfg, given, lab):
+    """python gpt.py --<study>: the one study asked for; an option without its study would do nothing: refused."""
+    options = {option: study for study, names in STUDY_OPTIONS.items() for option in names}
+    studies = [name for name in LAB_FLAGS - set(options) if getattr(lab, name)]
+    for option in given & set(options):
+        if options[option] not in studies:
+            raise ValueError(f"--{option.replace('_', '-')} goes with --{options[option].replace('_', '-')}: add that, "
+                             "or leave it out")
+    if len(studies) != 1:
+        raise ValueError(f"one study at a time, not {', '.join('--' + s.replace('_', '-') for s in sorted(studies)) or 'none'}")
+    {"bench_attention": lambda: bench_attention(pick_device(cfg.device), lab.bench_mem_gib),
+     "bench_data": lambda: bench_data(cfg, lab.bench_data, "out_dir" in given),
+     "sweep": lambda: scaling_sweep(cfg, model_cfg, lab), "ablation": lambda: ablation(cfg, model_cfg, lab),
+     "embeddings": lambda: show_embeddings(cfg), "explain_attention": explain_attention,
+     "evaluate": lambda: evaluate_checkpoint(cfg, lab.evaluate)}[studies[0]]()
 
 
 # ---- Running the real GPT-2: OpenAI's weights in our model (GPT.from_pretrained, --init-from gpt2) -----------
@@ -1996,7 +2014,7 @@ def print_losses(scored, char_losses, vocab_size):
         if len(scored) <= 20:
             row(name, *counts)
         total = [a + b for a, b in zip(total, counts)]
-    row(f"total ({len(scored)} documents)", *total)
+    row(f"total ({len(scored)} document{'s' * (len(scored) != 1)})", *total)
     row(f"uniform over {vocab_size} tokens (ln V)", math.log(vocab_size) * total[1], *total[1:])
 
 
@@ -2131,9 +2149,13 @@ def plot_attention(model, tokenizer, prompt, png_path):
 def evaluate_checkpoint(cfg, spec):
     """--evaluate: <out-dir>/ckpt.pt on the text: 1) its loss, 2) where it is surprised, 3) what its heads do,
     and in-context learning, 4) attention.png on --prompt, or on the passage shown."""
-    ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), pick_device(cfg.device))
-    tokenizer, m = tokenizer_from_state(ckpt["tokenizer"]), model.cfg
-    t0 = time.perf_counter()
+    ckpt = {}
+    if cfg.init_from:  # GPT-2, or a checkpoint named by --init-from
+        model, tokenizer = load_init_from(cfg.init_from, pick_device(cfg.device))[:2]
+    else:
+        ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), pick_device(cfg.device))
+        tokenizer = tokenizer_from_state(ckpt.get("tokenizer", {}))
+    m, t0 = model.cfg, time.perf_counter()
     scored, tally = evaluate(model, tokenizer, spec)
     seconds = time.perf_counter() - t0
     char_losses = [character_losses(text, ids, losses, tokenizer) for _, text, ids, losses in scored]
@@ -2144,7 +2166,7 @@ def evaluate_checkpoint(cfg, spec):
           f"{2 * half} tokens of context (from fewer in a document's first {half}: windows of {m.block_size} tokens "
           f"every {m.block_size // 2}). The loss with 1 token of context: {by_context[0]:.3f}, 2 to {half}: "
           f"{by_context[1:half].mean():.3f}, more: {by_context[half:].mean():.3f}; their mean, as training's val loss "
-          f"weighs them: {by_context.mean():.4f} (the checkpoint's: {ckpt['best_val_loss']:.4f})")
+          f"weighs them: {by_context.mean():.4f}" + (f" (the checkpoint's: {ckpt['best_val_loss']:.4f})" if ckpt else ""))
     text = scored[0][1]
     cut = text.find("\n\n", len(text) // 2)  # the passage shown: the first paragraph after the middle
     start = cut + 2 if cut >= 0 else 0
@@ -2156,6 +2178,7 @@ def evaluate_checkpoint(cfg, spec):
           f"{icl['first_copy']:.3f} nats on the first copy, {icl['second_copy']:.3f} on the second (ln V: "
           f"{math.log(m.vocab_size):.3f})")
     prompt, png = cfg.prompt or text[start:start + 64], os.path.join(cfg.out_dir, "attention.png")
+    os.makedirs(cfg.out_dir, exist_ok=True)  # with --init-from, --out-dir may not exist yet
     plot_attention(model, tokenizer, prompt, png)
     print(f"drew {png}: every head on {prompt[:40]!r}...")
 
@@ -2210,8 +2233,8 @@ def make_corpus(path, mb, seed=0):
 def bench_data_case(corpus, tokenizer, out_dir):
     """One run of gpt.py in a fresh Python: tokenize the corpus anew, train 50 steps; times and peak RSS."""
     shutil.rmtree(out_dir, ignore_errors=True)  # no token files to reuse: the case measures building them
-    argv = ["--input", corpus, "--tokenizer", tokenizer, "--vocab-size", "4096", "--max-iters", "50", "--out-dir",
-            out_dir, "--preset", "cpu", "--device", "cpu", "--no-plot", "--max-new-tokens", "0"]
+    argv = ["--input", corpus, "--tokenizer", tokenizer, "--max-iters", "50", "--out-dir", out_dir, "--preset", "cpu",
+            "--device", "cpu", "--no-plot", "--max-new-tokens", "0", *(["--vocab-size", "4096"] if tokenizer == "bpe" else [])]
     code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); import gpt; t0 = time.perf_counter(); "
             "gpt.main(sys.argv[2:]); print(json.dumps({'seconds': time.perf_counter() - t0, 'peak': gpt.peak_rss()}))")
     done = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), *argv],
@@ -2249,6 +2272,8 @@ def load_token_files(cfg, tokenizer, log):
     if dist.is_initialized():
         dist.barrier()
     meta, train, val = open_token_files(cfg.out_dir)
+    if meta["bytes"] == 0:
+        raise ValueError(f"{cfg.input}: no text in it (every file is empty); pass files that hold text")
     unit = meta["unit"]
     documents = meta["train"]["documents"] + meta["val"]["documents"] if meta["validation"] != "last 10 %" else 1
     return Data(tokenizer_from_state(meta["tokenizer"]), train, val, unit,
@@ -2395,6 +2420,16 @@ def with_progress(items, what, log, every=5.0):
         if time.perf_counter() - shown >= every:
             shown = time.perf_counter()
             log(f"{what}: {done / 1e6:,.1f} M characters done, {done / 1e6 / (shown - start):.1f} M/s")
+
+
+def train_bpe(text, vocab_size, log):
+    """A byte-level BPE tokenizer trained on text (tokenizer_bpe.py, the lesson of its own)."""
+    import tokenizer_bpe  # only the BPE option needs it
+    t0 = time.perf_counter()
+    tokenizer = tokenizer_bpe.BPETokenizer()
+    tokenizer.train(text, vocab_size)
+    log(f"trained a BPE tokenizer of {len(tokenizer.vocab)} tokens in {time.perf_counter() - t0:.2f} s")
+    return tokenizer
 
 
 def build_tokenizer(files, cut, cfg, log=print):
@@ -2568,8 +2603,6 @@ def layers(m):
 
 def describe(data, model, cfg, rt):
     """Check that each split holds a window of block_size + 1 tokens, and say what the run trains on."""
-    if data.characters == 0:
-        raise ValueError(f"{cfg.input}: no text in it (every file is empty); pass files that hold text")
     for split, name in ((data.train, "training"), (data.val, "validation")):
         if len(split) <= model.cfg.block_size:
             hint = f" (every tenth document validates: it has {data.documents}, give at least ten)" * (
@@ -3066,23 +3099,18 @@ def exit_before_gloo_threads_can_abort():
 
 
 # ---- The command line: flags from the configs, their checks, main() --------------------------------
-# read_text, add_flags, pick_device and run_command_line are the same in bigram.py.
+# bigram.py has read_text, add_flags, pick_device and run_command_line too, each a little simpler.
 
 def read_text(path):
-    """The training text, or a one-line ValueError that names the problem and the fix. A UTF-8
-    byte-order mark at the start (some editors write one) is not text: utf-8-sig drops it."""
+    """The text of a file, or a one-line ValueError that names the problem and the fix. A UTF-8 byte-order mark
+    at the start (some editors write one) is not text: utf-8-sig drops it."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file; pass a text file with --input") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory; pass a text file with --input") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
-    except OSError as err:
-        raise ValueError(f"{path}: cannot be read ({err.strerror}); pass a readable text file with "
-                         "--input") from None
+    except OSError as err:  # gpt.py sends only files here: a directory, say, goes to token files
+        raise ValueError(f"{path}: cannot read it ({err.strerror}); pass a readable text file with --input") from None
     if not text:
         raise ValueError(f"{path}: file is empty; pass a text file with --input")
     return text
@@ -3107,11 +3135,7 @@ def checked(kind, valid):
     """argparse's type= of a flag: the text as kind (int, float or str), refused unless valid[1] holds."""
     def convert(text):
         value = kind(text)  # a ValueError here is argparse's "invalid int value: 'x'"
-        try:
-            ok = valid is None or valid[1](value)
-        except ValueError:  # a list flag with an item that is no number
-            ok = False
-        if not ok:
+        if valid and not valid[1](value):
             raise argparse.ArgumentTypeError(f"must be {valid[0]}, got {text}")
         return value
     convert.__name__ = kind.__name__
@@ -3166,11 +3190,11 @@ def parse_args(argv=None):
     model_cfg = GPTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"})
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     lab = LabConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LabConfig)})
-    problem = config_problem(model_cfg, cfg)
-    if problem:
-        parser.error(problem)
     parser.set_defaults(**{name: None for name in vars(args)})  # parse again: what is not None was typed
     given = frozenset(name for name, value in vars(parser.parse_args(argv)).items() if value is not None)
+    problem = config_problem(model_cfg, cfg, given)
+    if problem:
+        parser.error(problem)
     return model_cfg, cfg, given, lab
 
 
@@ -3184,7 +3208,7 @@ GPT2_FINE_TUNING = dict(optimizer="adamw", learning_rate=3e-5, warmup_iters=0, m
                         tokenizer="bpe")
 
 
-def config_problem(m, c):
+def config_problem(m, c, given=frozenset()):
     """The first bad combination of flags, as a one-line message, or None (argparse checks each flag alone)."""
     if m.n_embd % m.n_head:
         return f"--n-embd {m.n_embd} must be divisible by --n-head {m.n_head}"
@@ -3194,6 +3218,8 @@ def config_problem(m, c):
         return f"--n-kv-head {m.n_kv_head} must divide --n-head {m.n_head} (0 means n_head)"
     if c.resume and c.overwrite:
         return "--resume continues the checkpoint, --overwrite replaces it: give one of them"
+    if c.tokenizer == "char" and {"vocab_size", "bpe_sample_mb"} & given and not (c.resume or c.init_from):
+        return "--vocab-size and --bpe-sample-mb are for --tokenizer bpe: characters are their own vocabulary"
     return None
 
 
@@ -3241,11 +3267,8 @@ def sample(cfg, given=frozenset(), attention=None):
     print_sample(model, tokenizer_from_state(ckpt.get("tokenizer", {})), cfg, device)
 
 
-def note_flags_without_effect(cfg, given):
-    """A flag that would do less than it says is pointed out (on stderr), not left to be found out later."""
-    for name in ("vocab_size", "bpe_sample_mb"):
-        if name in given and cfg.tokenizer == "char" and not cfg.resume and not cfg.init_from:
-            print(f"note: --{name.replace('_', '-')} is for --tokenizer bpe; characters are their own vocabulary", file=sys.stderr)
+def note_warmup_past_the_run(cfg):
+    """A warmup longer than the run would leave the learning rate below its peak: said, not found out later."""
     if cfg.warmup_iters > cfg.max_iters > 0:
         print(f"note: --warmup-iters {cfg.warmup_iters} is longer than --max-iters {cfg.max_iters}: the learning rate "
               "never reaches its peak", file=sys.stderr)
@@ -3254,24 +3277,12 @@ def note_flags_without_effect(cfg, given):
 def main(argv=None):
     gc.freeze()  # torch's 160k objects live until exit: exempt them from garbage collection (0.5 s)
     model_cfg, cfg, given, lab = parse_args(argv)
-    if lab.bench_attention:
-        bench_attention(pick_device(cfg.device), lab.bench_mem_gib)
-    elif lab.bench_data:
-        bench_data(cfg, lab.bench_data, "out_dir" in given)
-    elif cfg.sample:
+    if cfg.sample:
         sample(cfg, given, model_cfg.attention if "attention" in given else None)
-    elif lab.sweep:
-        scaling_sweep(cfg, model_cfg, lab)
-    elif lab.ablation:
-        ablation(cfg, model_cfg, lab)
-    elif lab.embeddings:
-        show_embeddings(cfg)
-    elif lab.explain_attention:
-        explain_attention()
-    elif lab.evaluate:
-        evaluate_checkpoint(cfg, lab.evaluate)
+    elif given & LAB_FLAGS:
+        run_study(cfg, model_cfg, given, lab)  # a study instead of training (Part II)
     else:
-        note_flags_without_effect(cfg, given)
+        note_warmup_past_the_run(cfg)
         train(cfg, model_cfg, given)
 
 

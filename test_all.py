@@ -2804,11 +2804,14 @@ def test_a_refused_run_changes_nothing_of_the_old_one(tmp_path, monkeypatch, cap
 
 def test_flags_that_would_do_less_than_they_say_are_pointed_out(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    gpt.main([*tiny_run_flags(tmp_path), "--max-iters", "2", "--eval-interval", "2", "--warmup-iters", "5",
-              "--vocab-size", "400"])
-    err = capsys.readouterr().err
-    assert "note: --warmup-iters 5 is longer than --max-iters 2" in err
-    assert "note: --vocab-size is for --tokenizer bpe" in err
+    gpt.main([*tiny_run_flags(tmp_path), "--max-iters", "2", "--eval-interval", "2", "--warmup-iters", "5"])
+    assert "note: --warmup-iters 5 is longer than --max-iters 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused: a BPE setting for a character model would do nothing
+        gpt.parse_args(["--vocab-size", "400"])
+    assert "--vocab-size and --bpe-sample-mb are for --tokenizer bpe" in capsys.readouterr().err
+    gpt.parse_args(["--vocab-size", "400", "--tokenizer", "bpe"])
+    assert gpt_error(["--sweep-widths", "8,16"]) == "--sweep-widths goes with --sweep: add that, or leave it out"
+    assert gpt_error(["--sweep", "--embeddings"]) == "one study at a time, not --embeddings, --sweep"
     for flags in (["--max-new-tokens", "0"], ["--top-k", "0"], ["--dropout", "0"], ["--warmup-iters", "0"],
                   ["--max-iters", "0"], ["--eval-iters", "1"], ["--top-p", "1"]):  # the edges that are valid
         gpt.parse_args(flags)
@@ -3171,6 +3174,12 @@ def test_fine_tuning_and_sampling_gpt2_from_the_command_line(hf_gpt2, tmp_path, 
     tokenizer = gpt.gpt2_tokenizer(str(folder))
     greedy = gpt.GPT.from_pretrained(str(folder)).generate(torch.tensor([tokenizer.encode("ROMEO:")]), 5, temperature=0)
     assert capsys.readouterr().out.startswith(tokenizer.decode(greedy[0].tolist()) + "\n")  # as transformers' (above)
+    gpt.main(["--evaluate", "play.txt", "--init-from", str(folder), "--out-dir", "elsewhere"])  # GPT-2 measured
+    loss = float(re.search(r"^total \(1 document\) +[\d,]+ +([\d.]+)", capsys.readouterr().out, re.M).group(1))
+    model, ids = gpt.GPT.from_pretrained(str(folder)).eval(), tokenizer.encode(Path("play.txt").read_text(encoding="utf-8"))
+    with torch.no_grad():  # the first window, scored whole: every token from all the context before it
+        first = F.cross_entropy(model(torch.tensor([ids[:64]]))[0][0, :-1], torch.tensor(ids[1:64]), reduction="sum")
+    assert 0 < loss and first.item() / 63 == pytest.approx(loss, rel=0.5)  # a loss of the right size, not ln V
     assert "gpt3.pt: no such file; --init-from takes a checkpoint (ckpt.pt)" in gpt_error(["--init-from", "gpt3.pt",
                                                                                            "--out-dir", "q"])
     assert "--tokenizer char differs from the checkpoint's bpe, and cannot change when fine-tuning" in \
