@@ -9,13 +9,13 @@
 
 Three parts. Part I is the lesson: a reader who stops at its end has read everything that `python gpt.py`
 does that teaches something; it calls the machinery by names that say what they do.
-  Part I    The GPT (line ~PART1). Config; data: text -> token ids -> batches; the model: attention as the
+  Part I    The GPT (line 58). Config; data: text -> token ids -> batches; the model: attention as the
             formula, then with a cache and grouped-query heads, the block, the GPT and what modern models
             changed; generation; training: the schedule, AdamW and Muon, evaluation, the loop.
-  Part II   Further lessons (line ~PART2). The real GPT-2 in this model; FlashAttention-2 and the attention
+  Part II   Further lessons (line 796). The real GPT-2 in this model; FlashAttention-2 and the attention
             benchmark; experiments: loss curves, scaling laws, embeddings, ablations; looking inside: attention
             from the ground up, a checkpoint measured on any text, its heads; the data benchmark.
-  Part III  Machinery (line ~PART3). What a user relies on and a learner may skip: token files, checkpoints
+  Part III  Machinery (line 2243). What a user relies on and a learner may skip: token files, checkpoints
             never lost, the out-dir lock, signals and pipes, torchrun, the command line, main().
 """
 import argparse
@@ -59,14 +59,6 @@ import torch.nn.functional as F
 # ==============================================================================================
 
 # ---- Config: the single source of every hyperparameter; each field is also a --flag ----------
-
-def number(text, kind):
-    """text as a kind (int or float), or nan if it is none: nan fails every test of a flag's rule."""
-    try:
-        return kind(text)
-    except ValueError:
-        return math.nan
-
 
 def flag(default, help, valid=None, choices=None):
     """A config field and its --flag (add_flags, Part III): its help, and the values it takes."""
@@ -411,8 +403,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     @staticmethod
-    def from_pretrained(name_or_path, **settings):
-        """OpenAI's GPT-2 (gpt2, gpt2-medium, ..., a Hugging Face directory): gpt2_from_pretrained, Part II."""
+    def from_pretrained(name_or_path, **settings):  # OpenAI's GPT-2 weights in this model: Part II
         return gpt2_from_pretrained(name_or_path, **settings)
 
     def __init__(self, cfg):
@@ -3129,6 +3120,14 @@ def add_flags(parser, config):
         else:
             parser.add_argument(flag, type=checked(type(default), meta.get("valid")), default=default, help=help_text,
                                 choices=meta.get("choices"))
+
+
+def number(text, kind):
+    """text as a kind (int or float), or nan if it is none: nan fails every test of a flag's rule."""
+    try:
+        return kind(text)
+    except ValueError:
+        return math.nan
 
 
 def checked(kind, valid):

@@ -3368,3 +3368,17 @@ def test_a_tokens_loss_is_shared_by_its_bytes_and_the_surprise_view_shades_by_lo
     assert capsys.readouterr().out.splitlines()[2:] == ["ab↵", " 15", "cd↵", " 3"]  # in a pipe: digits
     gpt.print_surprise("ab\ncd", torch.tensor([math.nan, 0.7, 6.0, 0.1, 2.5]), True, 0)
     assert "\x1b[48;5;196m\x1b[38;5;16m↵" in capsys.readouterr().out  # on a terminal: colours (the newline: >= 5 nats)
+
+
+def test_gpt_opening_map_gives_where_each_part_starts():
+    """gpt.py's opening docstring maps its three parts with their lines: the map must not drift."""
+    lines = (REPO / "gpt.py").read_text(encoding="utf-8").splitlines()
+    for part in ("I", "II", "III"):
+        banner = next(i + 1 for i, line in enumerate(lines) if line.startswith(f"# Part {part} "))
+        mapped = int(re.search(rf"^  Part {part} +.*\(line (\d+)\)", gpt.__doc__, re.M).group(1))
+        assert abs(mapped - banner) <= 15, (part, mapped, banner)
+    import ast  # and the lesson's names end within the first 800 lines: a reader meets them first
+    ends = {node.name: node.end_lineno for node in ast.parse("\n".join(lines)).body if hasattr(node, "name")}
+    lesson = ("GPTConfig", "get_batch", "attention_math", "CausalSelfAttention", "MLP", "Block", "GPT", "KVCache",
+              "sample_next_token", "learning_rate", "make_optimizer", "estimate_loss", "train")
+    assert max(ends[name] for name in lesson) <= 800 < ends["attention_flash"]
