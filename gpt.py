@@ -1463,6 +1463,7 @@ def scaling_sweep(cfg, model_cfg, lab):
     else:
         print("one budget: no exponent to fit; give two or more --sweep-budgets for how N* and D* grow with C")
     plot_sweep(runs, optima, os.path.join(cfg.out_dir, "sweep.png"))
+    print(f"saved {csv_path} and {os.path.join(cfg.out_dir, 'sweep.png')}")
     return optima, a, b, alpha
 
 

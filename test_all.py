@@ -2707,7 +2707,8 @@ def test_scaling_sweep_miniature_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert "N* ∝ C^" in out and "tokens per parameter" in out
     assert_png(tmp_path / "sweep" / "sweep.png")
     gpt.main(argv)  # again: every run is already done and is not trained twice
-    assert "sweep: 4 runs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sweep: 4 runs" in out and f"saved {os.path.join('sweep', 'sweep.csv')} and" in out
     assert len(gpt.read_csv(tmp_path / "sweep" / "sweep.csv")) == 4
 
 
