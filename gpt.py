@@ -12,10 +12,10 @@ does that teaches something; it calls the machinery by names that say what they 
   Part I    The GPT (line 58). Config; data: text -> token ids -> batches; the model: attention as the
             formula, then with a cache and grouped-query heads, the block, the GPT and what modern models
             changed; generation; training: the schedule, AdamW and Muon, evaluation, the loop.
-  Part II   Further lessons (line 796). The real GPT-2 in this model; FlashAttention-2 and the attention
+  Part II   Further lessons (line 799). The real GPT-2 in this model; FlashAttention-2 and the attention
             benchmark; experiments: loss curves, scaling laws, embeddings, ablations; looking inside: attention
             from the ground up, a checkpoint measured on any text, its heads; the data benchmark.
-  Part III  Machinery (line 2243). What a user relies on and a learner may skip: token files, checkpoints
+  Part III  Machinery (line 2247). What a user relies on and a learner may skip: token files, checkpoints
             never lost, the out-dir lock, signals and pipes, torchrun, the command line, main().
 """
 import argparse
@@ -167,8 +167,9 @@ class CharTokenizer:
     def encode(self, text, allowed_special="all"):  # BPE's special tokens: characters have none
         unknown = [ch for ch in dict.fromkeys(text) if ch not in self.stoi]  # in order of appearance
         if unknown:
-            raise ValueError(f"character {unknown[0]!r} is not in the vocabulary of this character-level model ({len(unknown)} "
-                             "unknown in all); use only characters of its training text, or a --tokenizer bpe model")
+            raise ValueError(f"character {unknown[0]!r} is not in the vocabulary of this character-level model "
+                             f"({len(unknown)} unknown in all); use only characters of its training text, or a "
+                             "--tokenizer bpe model")
         return [self.stoi[ch] for ch in text]
 
     def decode(self, ids):
@@ -305,9 +306,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache=None, layer=0):
         B, T, C = x.shape
-        heads = (self.n_head, self.n_kv_head, self.n_kv_head)
-        q, k, v = (t.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, nh, T, hd) and (B, n_kv, T, hd) twice
-                   for t, n in zip(self.qkv(x).split([n * self.head_dim for n in heads], dim=-1), heads))
+        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                     self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         if self.q_norm is not None:  # in float32 (RMSNorm's weight is float32; under autocast q and k arrive in bf16)
             q, k = self.q_norm(q.float()).type_as(q), self.k_norm(k.float()).type_as(k)
         if rope is not None:

@@ -2135,12 +2135,6 @@ def test_gpt_bad_flag_values_are_argparse_errors(flags, message, capsys):
     assert capsys.readouterr().err == f"error: {message}; see --help\n"  # one line, not the usage
 
 
-def test_gpt_script_prints_errors_as_one_line_without_traceback(tmp_path):
-    result = run_gpt(["--input", "missing.txt"], tmp_path, check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip() == "error: missing.txt: no such file; pass a text file, a directory or a quoted glob with --input"
-
-
 def test_gpt_script_with_the_bpe_tokenizer(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     text = SHAKESPEARE_BIT.replace("speak", "spëak").replace("die", "dïe")  # bytes per character > 1
@@ -2598,14 +2592,19 @@ def test_a_bad_path_is_not_called_a_corrupt_file(tmp_path):
             bpe.BPETokenizer.load(str(tmp_path / path))
 
 
-def test_scripts_flush_each_line_they_print():
-    """So that `| tee log` shows progress live, without PYTHONUNBUFFERED."""
+def test_scripts_flush_each_line_they_print_and_end_an_error_in_one_line(tmp_path):
+    """So that `| tee log` shows progress live, without PYTHONUNBUFFERED; and bad input ends the script in one
+    line on stderr, exit status 1, no traceback."""
     code = ("import sys, bigram, gpt, tokenizer_bpe\n"
             "for script in (bigram, gpt, tokenizer_bpe):\n"
             "    sys.stdout.reconfigure(line_buffering=False)  # as Python starts with stdout a pipe\n"
-            "    script.run_command_line(lambda: print(script.__name__, sys.stdout.line_buffering))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+            "    script.run_command_line(lambda: print(script.__name__, sys.stdout.line_buffering))\n"
+            "gpt.run_command_line(lambda: gpt.main(['--input', 'missing.txt']))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(REPO)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.stdout.split() == ["bigram", "True", "gpt", "True", "tokenizer_bpe", "True"], result.stderr
+    assert (result.returncode, result.stderr) == (1, "error: missing.txt: no such file; pass a text file, a directory "
+                                                     "or a quoted glob with --input\n")
 
 
 # ---------------------------------------------------------------------------------------------
