@@ -2652,9 +2652,9 @@ def save_checkpoint(path, model, optimizers, model_cfg, train_cfg, step, best_va
 def replaced_whole(path, what, mode="wb"):
     """A file open at path + ".tmp" that replaces path once written whole and on disk (after a power cut: the old
     file or the new one). On any failure it is removed, the old file stays, and a failed write is one line."""
-    text_mode = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-    try:
-        with open(path + ".tmp", mode, **text_mode) as f:  # opened here, not by torch.save: a failure names its cause
+    binary = "b" in mode  # text: UTF-8, and the newlines as written (csv writes its own)
+    try:  # opened here, not by torch.save: a failure names its cause
+        with open(path + ".tmp", mode, encoding=None if binary else "utf-8", newline=None if binary else "") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
