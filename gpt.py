@@ -12,10 +12,10 @@ does that teaches something; it calls the machinery by names that say what they 
   Part I    The GPT (line 58). Config; data: text -> token ids -> batches; the model: attention as the
             formula, then with a cache and grouped-query heads, the block, the GPT and what modern models
             changed; generation; training: the schedule, AdamW and Muon, evaluation, the loop.
-  Part II   Further lessons (line 799). The real GPT-2 in this model; FlashAttention-2 and the attention
+  Part II   Further lessons (line 803). The real GPT-2 in this model; FlashAttention-2 and the attention
             benchmark; experiments: loss curves, scaling laws, embeddings, ablations; looking inside: attention
             from the ground up, a checkpoint measured on any text, its heads; the data benchmark.
-  Part III  Machinery (line 2247). What a user relies on and a learner may skip: token files, checkpoints
+  Part III  Machinery (line 2286). What a user relies on and a learner may skip: token files, checkpoints
             never lost, the out-dir lock, signals and pipes, torchrun, the command line, main().
 """
 import argparse
@@ -69,15 +69,13 @@ def flag(default, help, valid=None, choices=None):
 AT_LEAST_1, COUNT = ("at least 1", lambda x: x >= 1), ("0 or more", lambda x: x >= 0)
 POSITIVE, NOT_NEGATIVE = ("positive", lambda x: 0 < x < math.inf), ("a finite number >= 0", lambda x: 0 <= x < math.inf)
 BELOW_1 = ("in [0, 1)", lambda x: 0 <= x < 1)
-NUMBERS = ("comma-separated positive numbers", lambda text: all(0 < number(x, float) < math.inf for x in text.split(",")))
-INTEGERS = ("comma-separated positive integers", lambda text: all(number(x, int) > 0 for x in text.split(",")))
-SEEDS = ("comma-separated integers >= 0", lambda text: all(number(x, int) >= 0 for x in text.split(",")))
-ATTENTIONS = ("sdpa", "math", "flash")
-MLP_CHOICES = ("gelu", "gelu_tanh", "relu2", "swiglu")  # MLP_ACTIVATIONS
+ATTENTIONS = ("sdpa", "math", "flash")  # pick_attention's names, and MLP_ACTIVATIONS's: the config comes first
+MLP_CHOICES = ("gelu", "gelu_tanh", "relu2", "swiglu")
 
 
 # The defaults per machine, chosen by measurement (README): a 2-core CPU gets a small model with Muon, RoPE,
-# SwiGLU, an untied head and bf16 matmuls; a GPU the classic 6x6x384 model; gpt2 is GPT-2's recipe as it was.
+# SwiGLU, an untied head and bf16 matmuls where native; a GPU the classic 6x6x384 model; gpt2 is GPT-2's recipe
+# as it was.
 PRESETS = {
     "gpt2": {},  # the dataclasses' defaults
     "cpu": dict(dtype="auto", optimizer="muon", muon_lr=0.01, mlp="swiglu", untied_head=True, rope=True, block_size=128,
@@ -227,24 +225,29 @@ def get_batch(data, batch_size, block_size, generator, device):
 
 def attention_math(q, k, v, dropout_p=0.0):
     """The formula written out: softmax(q kᵀ / √hd, the future masked to -inf) v. q (B, nh, T, hd) -> (B, nh, T, hd).
-    Dividing by √hd keeps the scores' spread near 1 whatever the head size, so the softmax does not saturate.
     Two extensions, a line each: with a KV cache, k and v hold L >= T positions, the T queries being the last
     T of them; with grouped-query heads, k and v have n_kv < nh heads, each shared by nh/n_kv query heads."""
-    T, L = q.size(2), k.size(2)
-    k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))  # (B, nh, L, hd): a head per query head
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, L)
-    future = torch.ones(T, L, dtype=torch.bool, device=q.device).triu(L - T + 1)  # query t sits at position L-T+t
-    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)  # (B, nh, T, L): each row sums to 1
+    weights = attention_weights(q, k)  # (B, nh, T, L): each row sums to 1
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
-    return weights @ v  # (B, nh, T, hd)
+    return weights @ v.repeat_interleave(q.size(1) // v.size(1), dim=1)  # (B, nh, T, hd)
+
+
+def attention_weights(q, k):
+    """softmax(q kᵀ / √hd, the future masked to -inf): (B, nh, T, L), row t what query t takes from each key.
+    Dividing by √hd keeps the scores' spread near 1 whatever the head size, so the softmax does not saturate."""
+    T, L = q.size(2), k.size(2)
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, nh, L, hd): a key head per query head
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, L)
+    future = torch.ones(T, L, dtype=torch.bool, device=q.device).triu(L - T + 1)  # query t sits at position L-T+t
+    return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
 def attention_sdpa(q, k, v, dropout_p=0.0):
     """The same in one fused kernel that never stores the (T, L) weights, as FlashAttention (Part II) does."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # the CPU kernel's bf16 backward is 3x slower
-        return in_float32(attention_sdpa, q, k, v, dropout_p)  # than its float32 one (README)
-    T, L = q.size(2), k.size(2)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # the CPU kernel in bf16 takes 3.4x as long
+        return in_float32(attention_sdpa, q, k, v, dropout_p)  # as in float32, forward and backward (README)
+    T, L = q.size(2), k.size(2)  # is_causal puts query t at key t: right only without cached keys (T == L)
     mask = None if T in (1, L) else torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T == L and T > 1),
                                           dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1))
@@ -276,7 +279,7 @@ class KVCache:
     def __init__(self, cfg, batch_size, device, dtype):
         # only n_kv_head heads are stored: grouped-query attention shrinks the cache n_head/n_kv_head times
         shape = cfg.n_layer, batch_size, cfg.kv_heads(), cfg.block_size, cfg.n_embd // cfg.n_head
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_kv, block, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (n_layer, B, n_kv, block, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens cached = the position of the next token
 
@@ -300,7 +303,7 @@ class CausalSelfAttention(nn.Module):
         # qk-norm: unit-RMS q and k per head bound q·k/√hd, so a large learning rate cannot saturate the softmax
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if cfg.qk_norm else None
-        self.dropout = cfg.dropout
+        self.attn_dropout_p = cfg.dropout  # a probability: the attention function drops weights itself
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attend = pick_attention(cfg.attention)  # chosen once here, never per token
 
@@ -317,7 +320,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, L, hd), L = cached + T
-        y = self.attend(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
+        y = self.attend(q, k, v, self.attn_dropout_p if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.proj(y))
 
@@ -405,10 +408,6 @@ class Block(nn.Module):
 # head, and bf16 where the CPU multiplies it natively; --preset gpt2 turns them all off.
 
 class GPT(nn.Module):
-    @staticmethod
-    def from_pretrained(name_or_path, **settings):  # OpenAI's GPT-2 weights in this model: Part II
-        return gpt2_from_pretrained(name_or_path, **settings)
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -486,12 +485,16 @@ class GPT(nn.Module):
                 logits, _ = self(context[:, cache.length:], cache=cache)  # the whole window, then 1 token
             else:
                 logits, _ = self(context)
-            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1), below
             idx = torch.cat([idx, next_id], dim=1)
             if on_token:  # say, print it: what is shown stays shown, even if Ctrl-C ends the rest
                 on_token(idx)
         self.train(was_training)
         return idx
+
+    @staticmethod
+    def from_pretrained(name_or_path, **settings):  # OpenAI's GPT-2 weights in this model: Part II
+        return gpt2_from_pretrained(name_or_path, **settings)
 
 
 # ---- Generation: one token at a time, drawn from the softmax of the last logits --------------------
@@ -580,7 +583,7 @@ def learning_rate(step, cfg):
 def orthogonalise(G, dtype=torch.float32, steps=5, eps=1e-7):
     """Muon's core (Jordan et al., 2024): every singular value of G (m, n) pushed towards 1, its singular vectors
     kept (about U Vᵀ of G = U S Vᵀ), so the update moves the weights along every direction G found, not just the
-    few that dominate it. A quintic Newton-Schulz iteration, matmuls only: 5 steps leave them in [0.7, 1.2]."""
+    few that dominate it. Quintic Newton-Schulz, matmuls only: 5 steps bring them near [0.7, 1.2] (tiny ones less)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
     if G.size(0) > G.size(1):
@@ -597,11 +600,11 @@ class Muon(torch.optim.Muon):
     the hardware multiplies it natively (emulated, it made the default model's step 4x slower than float32)."""
 
     def __init__(self, params, ns_dtype, **settings):
-        super().__init__(params, adjust_lr_fn="original", **settings)
+        super().__init__(params, adjust_lr_fn="original", **settings)  # its lr scaling, which step() writes out
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # closure: torch's signature; training here never passes one
         for group in self.param_groups:
             for p in (p for p in group["params"] if p.grad is not None):
                 momentum = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
@@ -799,6 +802,12 @@ def train(cfg, model_cfg, given=frozenset()):
 # Part II — further lessons
 # ==============================================================================================
 
+# What a list flag of the lab takes: (what to say, the test).
+NUMBERS = ("comma-separated positive numbers", lambda text: all(0 < number(x, float) < math.inf for x in text.split(",")))
+INTEGERS = ("comma-separated positive integers", lambda text: all(number(x, int) > 0 for x in text.split(",")))
+SEEDS = ("comma-separated integers >= 0", lambda text: all(number(x, int) >= 0 for x in text.split(",")))
+
+
 @dataclasses.dataclass
 class LabConfig:
     """The lab's flags: each study replaces training (run_study); its options only go with it."""
@@ -888,12 +897,16 @@ def gpt2_files(name_or_path):
 # The safetensors format, whole: 8 bytes, the length n of the header (little-endian); n bytes of JSON,
 # {name: {"dtype": "F32", "shape": [768, 2304], "data_offsets": [begin, end]}, ...}; then the tensors' bytes,
 # row-major and little-endian (as x86 and ARM are), each at begin..end counted from the end of the header.
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 
 
 def read_safetensors(path):
     """{name: tensor} of a .safetensors file, each a view of the file memory-mapped: a tensor's bytes are read
     from disk when it is first used, and a 6 GB file is never held twice. A bad file: a one-line error."""
+    if sys.byteorder != "little":  # the file's arrays are little-endian; frombuffer reads the machine's order
+        raise ValueError(f"{path}: safetensors holds little-endian numbers; this reader needs a little-endian CPU")
     try:
         with open(path, "rb") as f:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: torch wants a writable buffer
@@ -903,6 +916,8 @@ def read_safetensors(path):
         return {name: tensor_at(data, 8 + n, name, entry) for name, entry in header.items()}
     except OSError as err:
         raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+    except NotImplementedError as err:  # a dtype this reader lacks: the file is fine
+        raise ValueError(f"{path}: {err}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, an entry not a dict, ...
         raise ValueError(f"{path}: truncated or corrupt safetensors file ({err}); download it again") from None
 
@@ -911,9 +926,13 @@ def tensor_at(data, start, name, entry):
     """One tensor of the file, once its entry is checked: a known dtype, and bytes that are there and fit."""
     dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
     if dtype is None:
-        raise ValueError(f"tensor {name} is {entry['dtype']}; this reader takes {', '.join(SAFETENSORS_DTYPES)}")
-    if not 0 <= begin <= end <= len(data) - start or end - begin != math.prod(shape) * dtype.itemsize:
+        raise NotImplementedError(f"tensor {name} is {entry['dtype']}; this reader takes "
+                                  f"{', '.join(SAFETENSORS_DTYPES)}")
+    if not all(isinstance(size, int) and size >= 0 for size in shape) or not 0 <= begin <= end <= len(data) - start \
+            or end - begin != math.prod(shape) * dtype.itemsize:
         raise ValueError(f"tensor {name}: bytes {begin}..{end} of {len(data) - start} for {shape} {entry['dtype']}")
+    if math.prod(shape) == 0:  # frombuffer reads at least one element
+        return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start + begin).view(shape)
 
 
@@ -1007,11 +1026,12 @@ def download(url, path):
             raise ConnectionError(f"the connection closed after {done:,} of {total:,} bytes")
         os.replace(part, path)
     except (OSError, http.client.HTTPException) as err:  # URLError, timeouts and a full disk are OSErrors
-        with suppress(OSError):
-            os.remove(part)
         reason = getattr(err, "reason", None) or err  # URLError's reason says why
         raise ValueError(f"cannot download {url} ({reason}); without a network, put the file at {path}, or pass "
                          "--init-from a local model directory or .safetensors file") from None
+    finally:  # failed or interrupted (Ctrl-C too): no partial file left behind, each a GB for gpt2-xl
+        with suppress(OSError):
+            os.remove(part)
 
 
 def copy_with_progress(response, out, label, total):
@@ -1667,9 +1687,8 @@ def kept_step_times(rows, variants, path):
         first, *measured = step_times([variants[0]] + [variants[i] for i in missing])
         scale = kept[keys[0]] / first if keys[0] in kept else 1.0
         kept.update({keys[i]: t * scale for i, t in zip(missing, measured)})
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        with replaced_whole(path, "the step times", "w") as f:
             json.dump(kept, f, indent=1)
-        os.replace(path + ".tmp", path)
     return [kept[key] for key in keys]
 
 
@@ -1900,15 +1919,15 @@ def sliding_windows(n_tokens, block_size, stride):
 
 
 @contextmanager
-def recorded_attention(model):
-    """Every attention layer computes its weights explicitly, by attention_math, and appends them, (B, nh, T, L),
-    to the list this yields; the model's output is the same."""
+def recorded_attention(model, keep=lambda weights: weights):
+    """Every attention layer computes its weights explicitly, (B, nh, T, L) by attention_weights, and appends
+    keep(weights) to the list this yields (what is kept of them: a large model's maps, all layers' at once,
+    would not fit in memory); the model's output is the same."""
     maps = []
 
     def attend_and_record(q, k, v, dropout_p=0.0):
-        eye = torch.eye(k.size(2), dtype=q.dtype, device=q.device).expand(*k.shape[:3], k.size(2))  # (B, n_kv, L, L)
-        weights = attention_math(q, k, eye)  # (B, nh, T, L): the weights times the identity
-        maps.append(weights.float())
+        weights = attention_weights(q, k)  # (B, nh, T, L)
+        maps.append(keep(weights.float()))
         return weights @ v.repeat_interleave(q.size(1) // v.size(1), dim=1)  # (B, nh, T, hd)
 
     for block in model.blocks:
@@ -1934,28 +1953,39 @@ def attention_measures(weights, newline):
     return torch.stack([distance, previous, on_start, weights.diagonal(dim1=-2, dim2=-1)], dim=-1)
 
 
+def windows_per_batch(cfg, most=32, floats=2**26):
+    """How many windows to score at once: up to 32, as long as the logits (B, T, V) and one layer's attention
+    weights (B, nh, T, T) stay under 2^26 floats (256 MB) each. GPT-2 at a block of 1,024: one window."""
+    return max(1, min(most, floats // (cfg.block_size * cfg.vocab_size), floats // (cfg.n_head * cfg.block_size ** 2)))
+
+
 @torch.inference_mode()
 def score_document(model, ids, newline, tally):
-    """The loss of every token after the first (sliding_windows, a stride of half a block), 32 windows at a time;
-    what the heads do on the rows scored, and the loss at each position of the windows, are added to tally."""
+    """The loss of every token after the first (sliding_windows, a stride of half a block), a batch of windows
+    at a time; what the heads do on the rows scored, and the loss at each position of the windows, are added
+    to tally."""
     block, device = model.cfg.block_size, model.wte.weight.device
     T, data, losses = min(block, len(ids) - 1), torch.tensor(ids), torch.empty(len(ids) - 1)
-    windows = sliding_windows(len(ids), block, max(1, block // 2))
-    for i in range(0, len(windows), 32):
-        batch = windows[i:i + 32]
+    windows, per_batch = sliding_windows(len(ids), block, max(1, block // 2)), windows_per_batch(model.cfg)
+    for i in range(0, len(windows), per_batch):
+        batch = windows[i:i + per_batch]
         x, y = (torch.stack([data[s + j:s + j + T] for s, _ in batch]).to(device) for j in (0, 1))  # (B, T) each
-        with recorded_attention(model) as maps:
+        unscored = torch.arange(T, device=device) < torch.tensor([first for _, first in batch], device=device)[:, None]
+
+        def measured(weights):  # (B, nh, T, T) -> the sums and counts of the four measures on the rows scored
+            m = attention_measures(weights, newline[x][:, None]).masked_fill(unscored[:, None, :, None], math.nan)
+            return m.nansum(dim=(0, 2)).cpu(), m.isnan().logical_not().sum(dim=(0, 2)).cpu()  # (nh, 4) each
+
+        with recorded_attention(model, measured) as measures:
             logits, _ = model(x)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(len(batch), T)
         for row, (start, first) in enumerate(batch):
             losses[start + first:start + T] = loss[row, first:].cpu()
         tally["position_sum"][:T] += loss.sum(dim=0).cpu()
         tally["position_rows"][:T] += len(batch)
-        unscored = torch.arange(T, device=device) < torch.tensor([first for _, first in batch], device=device)[:, None]
-        for layer, weights in enumerate(maps):
-            m = attention_measures(weights, newline[x][:, None]).masked_fill(unscored[:, None, :, None], math.nan)
-            tally["head_sum"][layer] += m.nansum(dim=(0, 2)).cpu()  # (nh, 4)
-            tally["head_rows"][layer] += m.isnan().logical_not().sum(dim=(0, 2)).cpu()
+        for layer, (sums, rows) in enumerate(measures):
+            tally["head_sum"][layer] += sums
+            tally["head_rows"][layer] += rows
     return losses
 
 
@@ -2099,12 +2129,15 @@ def repeated_tokens_test(model, n=None, sequences=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     first = torch.randint(model.cfg.vocab_size, (sequences, n), generator=g)  # (S, n)
     x = torch.cat([first, first], dim=1).to(model.wte.weight.device)  # (S, 2n)
-    with recorded_attention(model) as maps:
-        logits, _ = model(x)  # (S, 2n, V): position t predicts token t+1
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
-    loss = loss.view(sequences, 2 * n - 1)  # [:, j]: the loss of token j+1
+    losses, induction = [], 0
+    for batch in x.split(windows_per_batch(model.cfg)):
+        with recorded_attention(model, lambda weights: induction_scores(weights, n).sum(dim=0)) as scores:
+            logits, _ = model(batch)  # (B, 2n, V): position t predicts token t+1
+        losses.append(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"))
+        induction = induction + torch.stack(scores).cpu()  # (n_layer, nh): summed over the sequences
+    loss = torch.cat(losses).view(sequences, 2 * n - 1)  # [:, j]: the loss of token j+1
     return dict(first_copy=loss[:, :n - 1].mean().item(), second_copy=loss[:, n:].mean().item(),
-                induction=torch.stack([induction_scores(w, n).mean(dim=0) for w in maps]).cpu())
+                induction=induction / sequences)
 
 
 def print_heads(tally, induction):
@@ -2156,10 +2189,11 @@ def evaluate_checkpoint(cfg, spec):
     char_losses = [character_losses(text, ids, losses, tokenizer) for _, text, ids, losses in scored]
     print_losses(scored, char_losses, m.vocab_size)
     by_context = (tally["position_sum"] / tally["position_rows"])[tally["position_rows"] > 0]  # [t]: t+1 tokens seen
-    half = len(by_context) // 2
-    print(f"{sum(len(s[3]) for s in scored):,} tokens in {seconds:.1f} s, each predicted once, from {half + 1} to "
-          f"{2 * half} tokens of context (from fewer in a document's first {half}: windows of {m.block_size} tokens "
-          f"every {m.block_size // 2}). The loss with 1 token of context: {by_context[0]:.3f}, 2 to {half}: "
+    half, stride = len(by_context) // 2, max(1, m.block_size // 2)
+    print(f"{sum(len(s[3]) for s in scored):,} tokens in {seconds:.1f} s, each predicted once, from "
+          f"{m.block_size - stride + 1} to {m.block_size} tokens of context (fewer in a document's first "
+          f"{m.block_size - stride}: windows of {m.block_size} tokens every {stride}). The loss with 1 token of "
+          f"context: {by_context[0]:.3f}, 2 to {half}: "
           f"{by_context[1:half].mean():.3f}, more: {by_context[half:].mean():.3f}; their mean, as training's val loss "
           f"weighs them: {by_context.mean():.4f}" + (f" (the checkpoint's: {ckpt['best_val_loss']:.4f})" if ckpt else ""))
     text = scored[0][1]
@@ -2167,11 +2201,15 @@ def evaluate_checkpoint(cfg, spec):
     start = cut + 2 if cut >= 0 else 0
     print_surprise(text, char_losses[0], sys.stdout.isatty(), start)
     print_contexts([s[1] for s in scored], char_losses)
-    icl = repeated_tokens_test(model, seed=cfg.seed)
-    print_heads(tally, icl["induction"])
-    print(f"in-context learning: random sequences of {m.block_size // 2} tokens, repeated: loss "
-          f"{icl['first_copy']:.3f} nats on the first copy, {icl['second_copy']:.3f} on the second (ln V: "
-          f"{math.log(m.vocab_size):.3f})")
+    if m.block_size < 4:  # a sequence and its copy need two tokens each
+        print_heads(tally, torch.full((m.n_layer, m.n_head), math.nan))
+        print(f"in-context learning: not measured, a block of {m.block_size} tokens cannot hold a sequence twice")
+    else:
+        icl = repeated_tokens_test(model, seed=cfg.seed)
+        print_heads(tally, icl["induction"])
+        print(f"in-context learning: random sequences of {m.block_size // 2} tokens, repeated: loss "
+              f"{icl['first_copy']:.3f} nats on the first copy, {icl['second_copy']:.3f} on the second (ln V: "
+              f"{math.log(m.vocab_size):.3f})")
     prompt, png = cfg.prompt or text[start:start + 64], os.path.join(cfg.out_dir, "attention.png")
     os.makedirs(cfg.out_dir, exist_ok=True)  # with --init-from, --out-dir may not exist yet
     plot_attention(model, tokenizer, prompt, png)
@@ -2309,14 +2347,15 @@ def glob_files(pattern):
     return sorted(unique.values())
 
 
-SAFE_CUT = re.compile(r"\n(?=\S)|(?<=\S)(?= )")  # where file_pieces may cut: see there
+SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)|(?<=\S)(?= )")  # where file_pieces may cut: see there
 
 
 def file_pieces(path):
     """A text file in pieces of about PIECE_CHARS characters, NFC-normalised, each cut where no split pattern
-    joins text across (GPT-4's or GPT-2's): after a line break that a non-space follows, or before a space that
-    one follows. So BPE encodes the pieces one by one into exactly the ids of the whole file. Only the text read
-    since the last cut is searched, so the work is linear in the file (a text with no such place: one piece)."""
+    joins text across (GPT-4's or GPT-2's): after a single line break between two non-spaces (GPT-2 splits two
+    line breaks in two inside a text, but keeps them as one chunk at its end), or before a space that a
+    non-space precedes. So BPE encodes the pieces one by one into exactly the ids of the whole file. Only the
+    text read since the last cut is searched, so the work is linear in the file (no place to cut: one piece)."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
             parts = []  # the text since the last cut, joined only at a cut: linear even with no place to cut
@@ -2523,9 +2562,9 @@ def token_files_current(meta, out_dir, files, recipe, tokenizer):
 def write_token_files(files, cut, tokenizer, out_dir, log):
     """Encode the input into train.bin and val.bin (uint16 ids when the vocabulary fits, else uint32), about
     BATCH_CHARS of a split at a time. A document after the first of its split starts with a separator:
-    <|endoftext|> with BPE, a blank line with characters (counted as neither characters nor bytes)."""
+    <|endoftext|> where the tokenizer has it, else a blank line (counted as neither characters nor bytes)."""
     dtype = np.uint16 if len(tokenizer.vocab) <= 2**16 else np.uint32
-    bpe = "<|endoftext|>" in getattr(tokenizer, "special_tokens", {})
+    has_eot = "<|endoftext|>" in getattr(tokenizer, "special_tokens", {})
     paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
     counts = {split: dict(tokens=0, characters=0, bytes=0, documents=0) for split in paths}
     pending, pending_chars, last_char = {split: [] for split in paths}, dict.fromkeys(paths, 0), dict.fromkeys(paths, "")
@@ -2543,7 +2582,7 @@ def write_token_files(files, cut, tokenizer, out_dir, log):
             counts[split]["characters"] += len(piece)
             counts[split]["bytes"] += len(piece.encode("utf-8"))
             if starts and counts[split]["documents"]:
-                piece = ("<|endoftext|>" if bpe else "\n" if last_char[split] == "\n" else "\n\n") + piece
+                piece = ("<|endoftext|>" if has_eot else "\n" if last_char[split] == "\n" else "\n\n") + piece
             counts[split]["documents"] += starts
             last_char[split] = piece[-1]
             pending[split].append(piece)
@@ -2553,7 +2592,7 @@ def write_token_files(files, cut, tokenizer, out_dir, log):
         for split in paths:
             flush(split)
             out[split].flush()  # a full disk fails here, while both files can still be removed
-    return {"dtype": np.dtype(dtype).name, "unit": "byte" if bpe else "char",
+    return {"dtype": np.dtype(dtype).name, "unit": "char" if isinstance(tokenizer, CharTokenizer) else "byte",
             "bytes": sum(c["bytes"] for c in counts.values()),
             "validation": "last 10 %" if cut is not None else "every tenth document", **counts}
 

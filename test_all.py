@@ -5,6 +5,7 @@ Hermetic: no network, nothing written into the repository (files go to pytest's 
 import dataclasses
 import http.server
 import inspect
+import io
 import json
 import math
 import os
@@ -955,6 +956,11 @@ def explicit_attention(attn, x, positions=None):
     future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
     weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
     return attn.proj((weights @ v).transpose(1, 2).reshape(B, T, C))
+
+
+def test_the_configs_choices_are_the_implementations_names():
+    assert set(gpt.MLP_CHOICES) == set(gpt.MLP_ACTIVATIONS)
+    assert len({gpt.pick_attention(name) for name in gpt.ATTENTIONS}) == 3  # each a name pick_attention knows
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
@@ -2211,6 +2217,19 @@ def test_token_files_hold_the_whole_texts_ids_and_mapped_batches_equal_in_memory
                 assert all(torch.equal(a, b) and a.dtype == torch.long for a, b in zip(from_disk, in_memory))
 
 
+def test_token_files_count_bytes_for_any_byte_level_tokenizer(tmp_path):
+    """A BPE tokenizer without <|endoftext|> (one from a vocab.json may lack it) still counts bits per byte:
+    the unit follows the tokenizer, as in memory, not the separator documents are joined with."""
+    tokenizer = bpe.BPETokenizer("gpt2", special_tokens=())
+    tokenizer.train(SHAKESPEARE_BIT, 300)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"{i}.txt").write_text(SHAKESPEARE_BIT[30 * i:30 * i + 200], encoding="utf-8")
+    token_files(tmp_path, str(corpus), tokenizer)
+    assert gpt.read_token_meta(str(tmp_path / "out"))["unit"] == "byte"
+
+
 def test_token_files_are_reused_and_rebuilt_after_the_input_or_the_tokenizer_changes(tmp_path):
     path = str(tmp_path / "t.txt")
     tokenizer, train, _, logged = token_files(tmp_path, SHAKESPEARE_BIT)
@@ -2842,12 +2861,15 @@ def test_a_glob_does_not_follow_links_to_directories(tmp_path):
 
 @pytest.mark.parametrize("pattern", ["gpt4", "gpt2"])
 def test_pieces_are_cut_in_linear_time_whatever_the_text_looks_like(pattern, tmp_path, monkeypatch):
-    """Indented lines, one long line, no line break: pieces stay near PIECE_CHARS (none grows with the file)
-    and encode piece by piece into exactly the ids of the whole text, for either split pattern."""
+    """Indented lines, one long line, no line break, speeches between blank lines: pieces stay near PIECE_CHARS
+    (none grows with the file) and split, and so encode, piece by piece into exactly the chunks and ids of
+    the whole text, for either split pattern (chunks too: a vocabulary trained here may lack the chunk a bad
+    cut makes, such as GPT-2's "\n\n" at a piece's end)."""
     monkeypatch.setattr(gpt, "PIECE_CHARS", 40)
     texts = {"indented": "".join(f"    {w} and {w}\n        {w}!\n" for w in ("to", "be", "or", "not") * 40),
              "one long line": "to be, or not to be: that is  the question " * 60,
-             "marks": "e\u0301 " * 200}
+             "marks": "e\u0301 " * 200,
+             "speeches": "ROMEO:\nSoft, what light\nthrough yonder.\n\n" * 40}
     tokenizer = bpe.BPETokenizer(pattern)
     tokenizer.train("".join(texts.values()), 300)
     for name, text in texts.items():
@@ -2855,6 +2877,7 @@ def test_pieces_are_cut_in_linear_time_whatever_the_text_looks_like(pattern, tmp
         pieces = list(gpt.file_pieces(str(tmp_path / "t.txt")))
         whole = unicodedata.normalize("NFC", text)
         assert "".join(pieces) == whole and max(map(len, pieces)) < 100, name
+        assert [c for piece in pieces for c in tokenizer.split(piece)] == tokenizer.split(whole), name
         assert [i for piece in pieces for i in tokenizer.encode(piece)] == tokenizer.encode(whole), name
 
 
@@ -3054,10 +3077,18 @@ def rewrite_safetensors(src, dst, edit_header=None, edit_bytes=None):
 
 def test_gpt2_weights_read_as_safetensors_writes_them_and_bad_files_are_one_line_errors(hf_gpt2, tmp_path):
     from safetensors.torch import save_file  # the reference writer (transformers needs it)
-    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2, 2).bfloat16()}
+    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
+               "i64": torch.arange(-3, 3), "bool": torch.rand(7) > 0.5, "u8": torch.arange(250, 256, dtype=torch.uint8),
+               "empty": torch.zeros(0, 4)}
     save_file(tensors, tmp_path / "any.safetensors", metadata={"format": "pt"})
     read = gpt.read_safetensors(tmp_path / "any.safetensors")
     assert all(torch.equal(read[name], tensors[name]) for name in tensors) and read.keys() == tensors.keys()
+    for edit, message in [(lambda h: h["f32"].update(dtype="F8_E4M3"), "tensor f32 is F8_E4M3; this reader takes F64, "),
+                          (lambda h: h["empty"].update(shape=[-1, 0]), "truncated or corrupt safetensors file (tensor empty")]:
+        rewrite_safetensors(tmp_path / "any.safetensors", tmp_path / "edited.safetensors", edit)
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            gpt.read_safetensors(tmp_path / "edited.safetensors")
+        assert "\n" not in str(info.value) and ("corrupt" in message) == ("download it again" in str(info.value))
     folder, _ = hf_gpt2
     shutil.copy(folder / "config.json", tmp_path)
     weights = tmp_path / "model.safetensors"
@@ -3077,6 +3108,23 @@ def test_gpt2_weights_read_as_safetensors_writes_them_and_bad_files_are_one_line
         gpt.GPT.from_pretrained(str(weights))
     with pytest.raises(ValueError, match="gpt3: no such file; --init-from takes a checkpoint .*, or GPT-2: gpt2, "):
         gpt.GPT.from_pretrained(str(tmp_path / "gpt3"))
+
+
+def test_an_interrupted_download_leaves_no_partial_file(tmp_path, monkeypatch):
+    """Ctrl-C half way through: the temporary file goes too (gpt2-xl's weights are 6 GB)."""
+    import urllib.request
+
+    class Response(io.BytesIO):
+        headers = {"Content-Length": "8"}
+
+    def interrupted(response, out, label, total):
+        out.write(response.read(4))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: Response(b"12345678"))
+    monkeypatch.setattr(gpt, "copy_with_progress", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gpt.download("http://127.0.0.1/f.bin", str(tmp_path / "cache" / "f.bin"))
+    assert os.listdir(tmp_path / "cache") == []
 
 
 def test_gpt2_by_name_downloads_once_into_the_cache_and_offline_is_one_line(hf_gpt2, tmp_path, monkeypatch, capsys):
@@ -3313,6 +3361,30 @@ def test_evaluate_equals_the_loss_of_each_token_from_its_window_and_names_an_unk
         gpt.main(["--evaluate", str(tmp_path / "nothing.txt"), "--out-dir", str(tmp_path)])
 
 
+def test_evaluation_in_smaller_batches_gives_the_same_numbers(tmp_path, monkeypatch):
+    """A large model scores fewer windows at a time (GPT-2's logits for 32 windows of 1,024 tokens would take 6.6
+    GB): one window at a time gives the same losses, head measures and induction scores as 32."""
+    gpt2, default = gpt.GPTConfig(vocab_size=50257, block_size=1024, n_head=12), gpt.GPTConfig(vocab_size=73, block_size=128)
+    assert gpt.windows_per_batch(gpt2) == 1 and gpt.windows_per_batch(default) == 32
+    tokenizer = gpt.CharTokenizer("".join(sorted(set(SHAKESPEARE_BIT))))
+    model = tiny_gpt(vocab_size=len(tokenizer.chars), n_kv_head=2)  # block 16
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    (tmp_path / "a.txt").write_text(SHAKESPEARE_BIT[:300], encoding="utf-8")
+    results = []
+    for per_batch in (32, 1):
+        monkeypatch.setattr(gpt, "windows_per_batch", lambda cfg: per_batch)
+        scored, tally = gpt.evaluate(model, tokenizer, str(tmp_path / "a.txt"))
+        results.append((scored[0][3], tally, gpt.repeated_tokens_test(model, sequences=5)))
+    (losses, tally, icl), (losses_1, tally_1, icl_1) = results
+    torch.testing.assert_close(losses_1, losses)
+    for key in tally:
+        torch.testing.assert_close(tally_1[key], tally[key])
+    torch.testing.assert_close(icl_1["induction"], icl["induction"])
+    assert icl_1["second_copy"] == pytest.approx(icl["second_copy"], abs=1e-6)
+
+
 def test_head_statistics_of_a_previous_token_a_line_start_and_an_induction_head():
     text = "ab\ncde\nfgh"  # lines start at 0, 3 and 7
     T, newline = len(text), torch.tensor([c == "\n" for c in text])
@@ -3377,6 +3449,15 @@ def test_gpt_opening_map_gives_where_each_part_starts():
         banner = next(i + 1 for i, line in enumerate(lines) if line.startswith(f"# Part {part} "))
         mapped = int(re.search(rf"^  Part {part} +.*\(line (\d+)\)", gpt.__doc__, re.M).group(1))
         assert abs(mapped - banner) <= 15, (part, mapped, banner)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")  # the README's table of gpt.py: each row a banner
+    table = readme[readme.index("## How to read the code"):readme.index("## Concept map")]
+    rows = re.findall(r"^\| (\d+) \| (?:\*\*)?([^|*]+?)(?:\*\*)? \|", table, re.M)
+    banners = [(i + 1, line) for i, line in enumerate(lines) if line.startswith(("# ----", "# Part"))]
+    assert len(rows) >= 15
+    for number, title in rows:
+        line, banner = min(banners, key=lambda b: abs(b[0] - int(number)))
+        word = title.removeprefix("The ").split()[0].strip(",")
+        assert abs(line - int(number)) <= 10 and word.lower() in banner.lower(), (number, title, line, banner)
     import ast  # and the lesson's names end within the first 800 lines: a reader meets them first
     ends = {node.name: node.end_lineno for node in ast.parse("\n".join(lines)).body if hasattr(node, "name")}
     lesson = ("GPTConfig", "get_batch", "attention_math", "CausalSelfAttention", "MLP", "Block", "GPT", "KVCache",
