@@ -20,6 +20,7 @@ import numbers
 import os
 import sys
 import time
+import unicodedata
 
 import torch
 import torch.nn as nn
@@ -246,10 +247,11 @@ def main(argv=None):
 
 def read_text(path):
     """The training text, or a one-line ValueError that names the problem and the fix. A UTF-8
-    byte-order mark at the start (some editors write one) is not text: utf-8-sig drops it."""
+    byte-order mark at the start (some editors write one) is not text: utf-8-sig drops it. NFC: é is one
+    character, as in gpt.py, never e and a combining accent."""
     try:
         with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
+            text = unicodedata.normalize("NFC", f.read())
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file; pass a text file with --input") from None
     except IsADirectoryError:

@@ -15,7 +15,7 @@ does that teaches something; it calls the machinery by names that say what they 
   Part II   Further lessons (line 803). The real GPT-2 in this model; FlashAttention-2 and the attention
             benchmark; experiments: loss curves, scaling laws, embeddings, ablations; looking inside: attention
             from the ground up, a checkpoint measured on any text, its heads; the data benchmark.
-  Part III  Machinery (line 2286). What a user relies on and a learner may skip: token files, checkpoints
+  Part III  Machinery (line 2300). What a user relies on and a learner may skip: token files, checkpoints
             never lost, the out-dir lock, signals and pipes, torchrun, the command line, main().
 """
 import argparse
@@ -528,13 +528,15 @@ def nucleus(probs, top_p):
     """probs (B, V) with only the smallest set of the likeliest tokens whose total reaches top_p kept."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the better tokens
-    sorted_probs[before >= top_p] = 0.0  # keep the smallest prefix whose total reaches top_p
+    sorted_probs[:, 1:][before[:, 1:] >= top_p] = 0.0  # the best always stays (top_p < 1e-45 is 0 in float32)
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-def start_ids(tokenizer):
-    """What an empty prompt starts from: a newline, after which every speech of the text begins; in a
-    character vocabulary without one, its first character."""
+def start_ids(tokenizer, prompt=""):
+    """The prompt's ids; an empty one starts after a newline, where every speech of the text begins (in a character
+    vocabulary without one, from its first character)."""
+    if prompt:
+        return tokenizer.encode(unicodedata.normalize("NFC", prompt), allowed_special="all")
     try:
         return tokenizer.encode("\n")
     except ValueError:
@@ -543,8 +545,7 @@ def start_ids(tokenizer):
 
 def print_sample(model, tokenizer, cfg, device):
     """A sample after --prompt, or after start_ids, which stay unshown, printed as it comes; then its speed."""
-    prompt_ids = tokenizer.encode(unicodedata.normalize("NFC", cfg.prompt), allowed_special="all") if cfg.prompt \
-        else start_ids(tokenizer)
+    prompt_ids = start_ids(tokenizer, cfg.prompt)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     shown = 0 if cfg.prompt else len(prompt_ids)  # tokens printed so far
@@ -827,6 +828,8 @@ class LabConfig:
 LAB_FLAGS = frozenset(field.name for field in dataclasses.fields(LabConfig))
 STUDY_OPTIONS = {"sweep": ("sweep_budgets", "sweep_widths"), "ablation": ("ablation_seeds",),
                  "bench_attention": ("bench_mem_gib",)}
+READING_STUDIES = {"evaluate": {"out_dir", "device", "seed", "prompt", "init_from"},  # the other flags they take;
+                   "embeddings": {"out_dir", "seed"}, "explain_attention": set()}  # the model is the checkpoint's
 
 
 def run_study(cfg, model_cfg, given, lab):
@@ -839,6 +842,8 @@ def run_study(cfg, model_cfg, given, lab):
                              "or leave it out")
     if len(studies) != 1:
         raise ValueError(f"one study at a time, not {', '.join('--' + s.replace('_', '-') for s in sorted(studies)) or 'none'}")
+    if studies[0] in READING_STUDIES:
+        note_ignored(f"--{studies[0].replace('_', '-')}", given - LAB_FLAGS - READING_STUDIES[studies[0]])
     {"bench_attention": lambda: bench_attention(pick_device(cfg.device), lab.bench_mem_gib),
      "bench_data": lambda: bench_data(cfg, lab.bench_data, "out_dir" in given),
      "sweep": lambda: scaling_sweep(cfg, model_cfg, lab), "ablation": lambda: ablation(cfg, model_cfg, lab),
@@ -1713,7 +1718,7 @@ def ablation(cfg, model_cfg, lab):
     same_time_header = f" {'steps':>6} {'val after the same time':>24}" if timed else ""
     print(f"{'':22} {'ms/step':>13} {'val after ' + str(cfg.max_iters) + ' steps':>22}{same_time_header}")
     for i, ((name, _), (run_cfg, m), seconds) in enumerate(zip(rows, variants, per_step)):
-        same_time = round(cfg.max_iters * per_step[0] / seconds) if seconds == seconds else cfg.max_iters
+        same_time = max(1, round(cfg.max_iters * per_step[0] / seconds)) if seconds == seconds else cfg.max_iters
         if abs(same_time - cfg.max_iters) <= 0.03 * cfg.max_iters:
             same_time = cfg.max_iters  # within the timing's noise: one run answers both
         losses = {}
@@ -1960,7 +1965,7 @@ def windows_per_batch(cfg, most=32, floats=2**26):
 
 
 @torch.inference_mode()
-def score_document(model, ids, newline, tally):
+def score_document(model, ids, newline, tally, report=lambda tokens: None):
     """The loss of every token after the first (sliding_windows, a stride of half a block), a batch of windows
     at a time; what the heads do on the rows scored, and the loss at each position of the windows, are added
     to tally."""
@@ -1986,6 +1991,7 @@ def score_document(model, ids, newline, tally):
         for layer, (sums, rows) in enumerate(measures):
             tally["head_sum"][layer] += sums
             tally["head_rows"][layer] += rows
+        report(sum(T - first for _, first in batch))  # tokens scored
     return losses
 
 
@@ -1997,7 +2003,15 @@ def evaluate(model, tokenizer, spec):
     newline = torch.tensor(["\n" in tokenizer.decode([i]) for i in range(m.vocab_size)], device=model.wte.weight.device)
     tally = dict(head_sum=torch.zeros(m.n_layer, m.n_head, 4), head_rows=torch.zeros(m.n_layer, m.n_head, 4),
                  position_sum=torch.zeros(m.block_size), position_rows=torch.zeros(m.block_size))
-    scored = []
+    scored, done, start, shown = [], 0, time.perf_counter(), time.perf_counter()
+
+    def report(tokens):  # a long evaluation (GPT-2 scores a few hundred tokens a second here) says how far it is
+        nonlocal done, shown
+        done += tokens
+        if time.perf_counter() - shown >= 5.0:
+            shown = time.perf_counter()
+            print(f"evaluating: {done:,} tokens scored, {done / (shown - start):,.0f} tokens/s", flush=True)
+
     for path in input_files(spec, "--evaluate"):
         for number, pieces in enumerate(documents([path]), 1):
             name, text = f"{path} #{number}" if path.endswith(".jsonl") else path, "".join(pieces)
@@ -2006,7 +2020,7 @@ def evaluate(model, tokenizer, spec):
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
             if len(ids) > 1:
-                scored.append((name, text, ids, score_document(model, ids, newline, tally)))
+                scored.append((name, text, ids, score_document(model, ids, newline, tally, report)))
     if not scored:
         raise ValueError(f"{spec}: no document holds two tokens, so there is nothing to predict")
     return scored, tally
@@ -2183,6 +2197,7 @@ def evaluate_checkpoint(cfg, spec):
     else:
         ckpt, model = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), pick_device(cfg.device))
         tokenizer = tokenizer_from_state(ckpt.get("tokenizer", {}))
+    start_ids(tokenizer, cfg.prompt)  # a --prompt it cannot encode (for attention.png): said before the work
     m, t0 = model.cfg, time.perf_counter()
     scored, tally = evaluate(model, tokenizer, spec)
     seconds = time.perf_counter() - t0
@@ -2318,8 +2333,8 @@ def input_files(spec, option="--input"):
     """--input (or --evaluate, the option) as a sorted list of files: the file itself, every *.txt and *.jsonl file below a directory,
     or the files a glob matches."""
     if os.path.isdir(spec):
-        files = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
-                 if name.endswith((".txt", ".jsonl"))]
+        files = unique_files([os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
+                              if name.endswith((".txt", ".jsonl"))])
         what = "no *.txt or *.jsonl file below this directory"
     elif os.path.exists(spec):
         files, what = [spec], ""
@@ -2343,6 +2358,12 @@ def glob_files(pattern):
     else:  # ** matches any depth below head: walk it (os.walk does not follow links), glob the tail in each folder
         roots = [d for d in glob.glob(head or os.curdir) if os.path.isdir(d)]
         paths = [p for root in roots for folder, _, _ in os.walk(root) for p in glob_files(os.path.join(folder, tail))]
+    return unique_files(paths)
+
+
+def unique_files(paths):
+    """The paths that are files (not a directory, not a link to nothing), each file once however many links
+    reach it (a copy of a training document must not validate), sorted."""
     unique = {os.path.realpath(p): p for p in sorted(paths, reverse=True) if os.path.isfile(p)}
     return sorted(unique.values())
 
@@ -2649,6 +2670,10 @@ def describe(data, model, cfg, rt):
     m = model.cfg
     rt.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({layers(m)}, {m.n_head} heads, "
            f"{m.n_embd} wide, block {m.block_size}) on {rt.device}")
+    start_ids(data.tokenizer, cfg.prompt)  # a --prompt it cannot encode: said now, not after training
+    if cfg.warmup_iters > cfg.max_iters > 0 and rt.master:  # the run's own settings, a resumed one's too
+        print(f"note: --warmup-iters {cfg.warmup_iters} is longer than --max-iters {cfg.max_iters}: the learning rate "
+              "never reaches its peak", file=sys.stderr)
 
 
 # ---- Checkpoints: everything to resume exactly or to sample, never lost -----------------------------
@@ -2799,10 +2824,10 @@ def load_for_resume(cfg, model_cfg, given, device):
     require_parts(ckpt, path, "train_config", "optimizer", "step", "best_val_loss", "rng")
     saved = saved_train_config(ckpt)
     check_unchanged(given, (model_cfg, cfg), (model.cfg, saved))
-    if "max_iters" in given and cfg.max_iters <= ckpt["step"]:
+    cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
+    if cfg.max_iters <= ckpt["step"]:  # a finished run, or a --max-iters it has passed
         raise ValueError(f"--max-iters {cfg.max_iters} is not beyond the checkpoint's step {ckpt['step']}: there is "
                          "nothing to train; give a larger --max-iters, or sample from it with --sample")
-    cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given if hasattr(saved, name)})
     return ckpt, model, tokenizer_from_state(ckpt["tokenizer"]), cfg
 
 
@@ -2846,10 +2871,13 @@ def check_unchanged(given, flags, saved, when="on --resume"):
     (model_flags, run_flags), (model_saved, run_saved) = flags, saved
     fixed = [(f.name, model_flags, model_saved) for f in dataclasses.fields(GPTConfig) if "help" in f.metadata]
     fixed.append(("tokenizer", run_flags, run_saved))
-    if run_saved.tokenizer == "bpe":  # a character vocabulary comes from the text, whatever --vocab-size says
-        fixed.append(("vocab_size", run_flags, run_saved))
-    if when == "on --resume":  # the saved optimizer state is AdamW's, or AdamW's and Muon's
-        fixed.append(("optimizer", run_flags, run_saved))
+    if run_saved.tokenizer == "bpe":  # merges learned: a new size or sample would change no token
+        fixed += [("vocab_size", run_flags, run_saved), ("bpe_sample_mb", run_flags, run_saved)]
+    elif {"vocab_size", "bpe_sample_mb"} & given:
+        raise ValueError("--vocab-size and --bpe-sample-mb are for --tokenizer bpe: the checkpoint's characters are "
+                         "its vocabulary")
+    if when == "on --resume":  # the optimizer state is AdamW's (and Muon's); the seed drew the batches so far
+        fixed += [(name, run_flags, run_saved) for name in ("optimizer", "seed", "init_from", "preset")]
     for name, new, old in fixed:
         if name in given and getattr(new, name) != getattr(old, name):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(new, name)} differs from the checkpoint's "
@@ -3195,10 +3223,15 @@ def pick_device(name):
     return name
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_command_line(main):
     """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed; bad input ends in one line,
     `error: ...`, Ctrl-C in `interrupted`, and a reader that stops reading (`| head`) ends it quietly."""
     sys.stdout.reconfigure(line_buffering=True)
+    signal.signal(signal.SIGTERM, interrupt)  # kill, job schedulers: as Ctrl-C (the loop saves first, below)
     try:
         main()
     except ValueError as err:
@@ -3291,6 +3324,12 @@ def check_sampling(temperature, top_k, top_p):
             raise ValueError(f"{name} must be {rules[name][0]}, got {value}")
 
 
+def note_ignored(who, flags):
+    """Flags given that cannot act, said rather than silently dropped."""
+    if flags:
+        print(f"note: {who} ignores --{', --'.join(sorted(flags))}".replace("_", "-"), file=sys.stderr)
+
+
 # The flags --sample uses; the model, its tokenizer and its training settings come from the checkpoint.
 SAMPLE_FLAGS = {"out_dir", "device", "seed", "sample", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
                 "kv_cache", "attention", "init_from"}
@@ -3298,10 +3337,7 @@ SAMPLE_FLAGS = {"out_dir", "device", "seed", "sample", "prompt", "max_new_tokens
 
 def sample(cfg, given=frozenset(), attention=None):
     """python gpt.py --sample: a sample from <out-dir>/ckpt.pt or --init-from's; attention, if given, replaces theirs."""
-    ignored = sorted(given - SAMPLE_FLAGS)  # the model, its tokenizer and its settings come from the checkpoint
-    if ignored:
-        print(f"note: --sample takes the model from the checkpoint, so it ignores --{', --'.join(ignored)}".replace(
-            "_", "-"), file=sys.stderr)
+    note_ignored("--sample takes the model from the checkpoint, so it", given - SAMPLE_FLAGS)
     device = pick_device(cfg.device)
     if cfg.init_from:  # GPT-2, or a checkpoint of ours (load_init_from)
         return print_sample(*load_init_from(cfg.init_from, device, attention)[:2], cfg, device)
@@ -3309,22 +3345,14 @@ def sample(cfg, given=frozenset(), attention=None):
     print_sample(model, tokenizer_from_state(ckpt.get("tokenizer", {})), cfg, device)
 
 
-def note_warmup_past_the_run(cfg):
-    """A warmup longer than the run would leave the learning rate below its peak: said, not found out later."""
-    if cfg.warmup_iters > cfg.max_iters > 0:
-        print(f"note: --warmup-iters {cfg.warmup_iters} is longer than --max-iters {cfg.max_iters}: the learning rate "
-              "never reaches its peak", file=sys.stderr)
-
-
 def main(argv=None):
     gc.freeze()  # torch's 160k objects live until exit: exempt them from garbage collection (0.5 s)
     model_cfg, cfg, given, lab = parse_args(argv)
     if cfg.sample:
         sample(cfg, given, model_cfg.attention if "attention" in given else None)
-    elif given & LAB_FLAGS:
+    elif any(getattr(lab, name) for name in given & LAB_FLAGS):  # --no-sweep, --bench-data 0: none asked for
         run_study(cfg, model_cfg, given, lab)  # a study instead of training (Part II)
     else:
-        note_warmup_past_the_run(cfg)
         train(cfg, model_cfg, given)
 
 

@@ -869,6 +869,8 @@ def test_a_byte_order_mark_is_not_text(tmp_path, capsys):
     text = markov_text(3000)
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     assert bigram.read_text(str(tmp_path / "bom.txt")) == text == bpe.read_text(str(tmp_path / "bom.txt"))
+    (tmp_path / "nfd.txt").write_text("cafe\u0301 " * 10, encoding="utf-8")  # é as e + a combining accent
+    assert bigram.read_text(str(tmp_path / "nfd.txt")) == "caf\u00e9 " * 10  # one character, as in gpt.py
     bigram.main(["--input", str(tmp_path / "bom.txt"), "--max-iters", "1", "--eval-interval", "1", "--eval-iters", "1",
                  "--block-size", "8", "--max-new-tokens", "0", "--device", "cpu"])
     assert f"3,000 characters, vocabulary {len(set(text))}," in capsys.readouterr().out
@@ -1467,6 +1469,22 @@ def test_ablation_trains_every_row_and_seed_for_the_same_steps_and_the_same_time
     assert capsys.readouterr().out.splitlines()[:4] == table
     assert sorted((r["row"], r["steps"]) for r in gpt.read_csv(os.path.join("abl", "ablation.csv")))[8:] == [
         (3, 20), (3, 20), (3, 40), (3, 40)]
+
+
+def test_an_ablation_row_too_slow_for_the_same_time_still_trains_a_step(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(gpt.ABLATIONS, "options", [("base", {}), ("slow", {"post_ln": True})])
+    monkeypatch.setattr(gpt, "step_times", lambda variants: [0.01, 0.01, 1.0])  # 100x slower: 0.4 of a step
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--ablation", "options", "--ablation-seeds", "4", "--max-iters", "40",
+              "--out-dir", "abl"])
+    assert sorted((r["row"], r["steps"]) for r in gpt.read_csv(os.path.join("abl", "ablation.csv"))) == [
+        (0, 40), (1, 1), (1, 40)]
+
+
+def test_a_top_p_below_float32s_smallest_number_keeps_the_best_token():
+    for top_p in (1e-46, 5e-324):  # 0 in float32: every token would be cut
+        assert gpt.sample_next_token(torch.tensor([[1.0, 3.0, 2.0]]), 1.0, 0, top_p).tolist() == [[1]]
 
 
 def test_an_experiment_run_stopped_early_is_not_recorded_as_done(tmp_path, monkeypatch):
@@ -2800,6 +2818,54 @@ def test_resume_takes_the_new_optimizer_settings_and_keeps_counting_tokens(tmp_p
     assert message.startswith("--max-iters 3 is not beyond the checkpoint's step 4: there is nothing to train")
 
 
+def test_resume_refuses_what_it_cannot_change_and_a_finished_run(tmp_path, monkeypatch, capsys):
+    """The same command plus --resume continues; a flag the resumed run could not honour is refused, not dropped:
+    a new seed (the batches so far came from the old one), --init-from, --preset, a BPE setting on characters.
+    A finished run has nothing left to train: said, not a silent sample. A note uses the run's own settings."""
+    run, good = trained_tiny(tmp_path, monkeypatch, capsys, "--warmup-iters", "1", steps=2)
+    for flags, message in ((["--seed", "5"], "--seed 5 differs from the checkpoint's 1337"),
+                           (["--init-from", "out/ckpt.pt"], "--init-from out/ckpt.pt differs from the checkpoint's "),
+                           (["--preset", "gpt2"], "--preset gpt2 differs from the checkpoint's "),
+                           (["--vocab-size", "400"], "--vocab-size and --bpe-sample-mb are for --tokenizer bpe"),
+                           ([], "--max-iters 2 is not beyond the checkpoint's step 2: there is nothing to train")):
+        assert gpt_error([*run, "--resume", *flags]).startswith(message), flags
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == good
+    gpt.main(["--resume", "--max-iters", "4", "--max-new-tokens", "0"])  # warmup 1 from the checkpoint: no note
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_a_prompt_it_cannot_encode_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = gpt_error([*tiny_run_flags(tmp_path), "--max-iters", "2", "--max-new-tokens", "5", "--prompt", "é"])
+    assert "'é'" in message and not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_an_off_study_flag_trains_and_a_study_says_which_flags_it_ignores(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    gpt.main([*tiny_run_flags(tmp_path), "--max-iters", "2", "--eval-interval", "2", "--no-sweep", "--bench-data", "0"])
+    assert "step 2:" in capsys.readouterr().out and (tmp_path / "out" / "ckpt.pt").exists()
+    gpt.main(["--explain-attention", "--n-embd", "64"])
+    assert capsys.readouterr().err == "note: --explain-attention ignores --n-embd\n"
+
+
+def test_sigterm_ends_any_command_as_ctrl_c_does():
+    """kill during a sample or an evaluation: "interrupted", and the with-blocks' cleanup (the out-dir's lock) runs."""
+    cleaned, previous = [], signal.getsignal(signal.SIGTERM)
+
+    def main():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            cleaned.append(True)
+    try:
+        with pytest.raises(SystemExit, match="^interrupted$"):
+            gpt.run_command_line(main)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert cleaned == [True]
+
+
 def test_resume_from_another_directory_reads_the_same_text(tmp_path, monkeypatch, capsys):
     run, _ = trained_tiny(tmp_path, monkeypatch, capsys)
     elsewhere = tmp_path / "elsewhere"
@@ -2857,6 +2923,10 @@ def test_a_glob_does_not_follow_links_to_directories(tmp_path):
     files = gpt.input_files(str(tmp_path / "corpus" / "**" / "*.txt"))
     assert files == [str(tmp_path / "corpus" / name) for name in ("a.txt", os.path.join("sub", "b.txt"))]
     assert len(gpt.input_files(str(tmp_path / "corpus"))) == 3 and len(docs) == 4  # a directory: the same
+    os.symlink("a.txt", tmp_path / "corpus" / "again.txt")  # a second name for a file: read once
+    os.symlink("missing.txt", tmp_path / "corpus" / "dead.txt")  # a link to nothing: no document
+    assert gpt.input_files(str(tmp_path / "corpus")) == [str(tmp_path / "corpus" / name) for name in
+                                                         ("a.txt", "c.jsonl", os.path.join("sub", "b.txt"))]
 
 
 @pytest.mark.parametrize("pattern", ["gpt4", "gpt2"])
@@ -3361,7 +3431,7 @@ def test_evaluate_equals_the_loss_of_each_token_from_its_window_and_names_an_unk
         gpt.main(["--evaluate", str(tmp_path / "nothing.txt"), "--out-dir", str(tmp_path)])
 
 
-def test_evaluation_in_smaller_batches_gives_the_same_numbers(tmp_path, monkeypatch):
+def test_evaluation_in_smaller_batches_gives_the_same_numbers(tmp_path, monkeypatch, capsys):
     """A large model scores fewer windows at a time (GPT-2's logits for 32 windows of 1,024 tokens would take 6.6
     GB): one window at a time gives the same losses, head measures and induction scores as 32."""
     gpt2, default = gpt.GPTConfig(vocab_size=50257, block_size=1024, n_head=12), gpt.GPTConfig(vocab_size=73, block_size=128)
@@ -3383,6 +3453,12 @@ def test_evaluation_in_smaller_batches_gives_the_same_numbers(tmp_path, monkeypa
         torch.testing.assert_close(tally_1[key], tally[key])
     torch.testing.assert_close(icl_1["induction"], icl["induction"])
     assert icl_1["second_copy"] == pytest.approx(icl["second_copy"], abs=1e-6)
+    ticks = iter(range(0, 10**6, 10))  # a clock 10 s on at every look: a long evaluation says how far it is
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    capsys.readouterr()
+    gpt.evaluate(model, tokenizer, str(tmp_path / "a.txt"))
+    progress = re.findall(r"^evaluating: ([\d,]+) tokens scored, [\d,]+ tokens/s$", capsys.readouterr().out, re.M)
+    assert len(progress) == len(gpt.sliding_windows(len(losses) + 1, 16, 8)) and progress[-1] == f"{len(losses):,}"
 
 
 def test_head_statistics_of_a_previous_token_a_line_start_and_an_induction_head():
