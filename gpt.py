@@ -15,7 +15,7 @@ does that teaches something; it calls the machinery by names that say what they 
   Part II   Further lessons (line 803). The real GPT-2 in this model; FlashAttention-2 and the attention
             benchmark; experiments: loss curves, scaling laws, embeddings, ablations; looking inside: attention
             from the ground up, a checkpoint measured on any text, its heads; the data benchmark.
-  Part III  Machinery (line 2300). What a user relies on and a learner may skip: token files, checkpoints
+  Part III  Machinery (line 2303). What a user relies on and a learner may skip: token files, checkpoints
             never lost, the out-dir lock, signals and pipes, torchrun, the command line, main().
 """
 import argparse
@@ -892,6 +892,8 @@ def gpt2_files(name_or_path):
         return folder, os.path.join(folder, "model.safetensors")
     folder, weights_path = (name_or_path, os.path.join(name_or_path, "model.safetensors")) \
         if os.path.isdir(name_or_path) else (os.path.dirname(name_or_path), name_or_path)
+    if not os.path.isfile(weights_path) and os.path.isfile(os.path.join(name_or_path, "ckpt.pt")):
+        raise ValueError(f"{name_or_path} is a run's --out-dir: pass --init-from {os.path.join(name_or_path, 'ckpt.pt')}")
     if not os.path.isfile(weights_path):
         raise ValueError(f"{weights_path}: no such file; --init-from takes a checkpoint (ckpt.pt), or GPT-2: "
                          f"{', '.join(GPT2_SIZES)}, a Hugging Face model directory or its model.safetensors (not "
@@ -2134,12 +2136,13 @@ def induction_scores(weights, n):
 
 
 @torch.inference_mode()
-def repeated_tokens_test(model, n=None, sequences=32, seed=0):
+def repeated_tokens_test(model, n=None, sequences=None, seed=0):
     """Random sequences of n tokens, each repeated once within a block -> the mean loss on the first copy and
     on the second (without their first tokens, which nothing predicts), and each head's induction score
-    (n_layer, nh)."""
+    (n_layer, nh). Sequences: 4,096 tokens' worth, at least 4 (32 of 64 for a block of 128, 4 for GPT-2's)."""
     model.eval()
     n = n or model.cfg.block_size // 2
+    sequences = sequences or max(4, 4096 // (2 * n))
     g = torch.Generator().manual_seed(seed)
     first = torch.randint(model.cfg.vocab_size, (sequences, n), generator=g)  # (S, n)
     x = torch.cat([first, first], dim=1).to(model.wte.weight.device)  # (S, 2n)
@@ -2151,7 +2154,7 @@ def repeated_tokens_test(model, n=None, sequences=32, seed=0):
         induction = induction + torch.stack(scores).cpu()  # (n_layer, nh): summed over the sequences
     loss = torch.cat(losses).view(sequences, 2 * n - 1)  # [:, j]: the loss of token j+1
     return dict(first_copy=loss[:, :n - 1].mean().item(), second_copy=loss[:, n:].mean().item(),
-                induction=induction / sequences)
+                induction=induction / sequences, sequences=sequences)
 
 
 def print_heads(tally, induction):
@@ -2222,8 +2225,8 @@ def evaluate_checkpoint(cfg, spec):
     else:
         icl = repeated_tokens_test(model, seed=cfg.seed)
         print_heads(tally, icl["induction"])
-        print(f"in-context learning: random sequences of {m.block_size // 2} tokens, repeated: loss "
-              f"{icl['first_copy']:.3f} nats on the first copy, {icl['second_copy']:.3f} on the second (ln V: "
+        print(f"in-context learning: {icl['sequences']} random sequences of {m.block_size // 2} tokens, repeated: "
+              f"loss {icl['first_copy']:.3f} nats on the first copy, {icl['second_copy']:.3f} on the second (ln V: "
               f"{math.log(m.vocab_size):.3f})")
     prompt, png = cfg.prompt or text[start:start + 64], os.path.join(cfg.out_dir, "attention.png")
     os.makedirs(cfg.out_dir, exist_ok=True)  # with --init-from, --out-dir may not exist yet

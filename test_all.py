@@ -3178,6 +3178,10 @@ def test_gpt2_weights_read_as_safetensors_writes_them_and_bad_files_are_one_line
         gpt.GPT.from_pretrained(str(weights))
     with pytest.raises(ValueError, match="gpt3: no such file; --init-from takes a checkpoint .*, or GPT-2: gpt2, "):
         gpt.GPT.from_pretrained(str(tmp_path / "gpt3"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(f"is a run's --out-dir: pass --init-from {tmp_path / 'run' / 'ckpt.pt'}")):
+        gpt.GPT.from_pretrained(str(tmp_path / "run"))
 
 
 def test_an_interrupted_download_leaves_no_partial_file(tmp_path, monkeypatch):
