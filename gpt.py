@@ -15,7 +15,7 @@ does that teaches something; it calls the machinery by names that say what they 
   Part II   Further lessons (line 803). The real GPT-2 in this model; FlashAttention-2 and the attention
             benchmark; experiments: loss curves, scaling laws, embeddings, ablations; looking inside: attention
             from the ground up, a checkpoint measured on any text, its heads; the data benchmark.
-  Part III  Machinery (line 2303). What a user relies on and a learner may skip: token files, checkpoints
+  Part III  Machinery (line 2309). What a user relies on and a learner may skip: token files, checkpoints
             never lost, the out-dir lock, signals and pipes, torchrun, the command line, main().
 """
 import argparse
@@ -1485,11 +1485,17 @@ def scaling_sweep(cfg, model_cfg, lab):
     print(f"sweep: {len(budgets) * len(widths)} runs, {time.perf_counter() - t0:.0f} s this time")
     runs = [r for r in runs if r["flops"] in budgets and r["width"] in widths]
     optima, a, b, alpha = fit_scaling_law(runs)
+    edges = 0  # an optimum at or beyond the smallest or largest size tried: the valley's floor was not seen
     for o in optima:
+        sizes = [r["n"] for r in runs if r["flops"] == o["flops"]]
+        edge = not min(sizes) < o["n_star"] < max(sizes)
+        edges += edge
         print(f"C = {o['flops']:.0e}: N* = {o['n_star']:,.0f}, D* = {o['d_star']:,.0f} tokens "
-              f"({o['d_star'] / o['n_star']:.1f} tokens per parameter), loss {o['loss_star']:.4f}")
+              f"({o['d_star'] / o['n_star']:.1f} tokens per parameter), loss {o['loss_star']:.4f}" +
+              " (at the edge of the widths tried: widen --sweep-widths to see the valley's floor)" * edge)
     if len(optima) > 1:
-        print(f"N* ∝ C^{a:.2f}, D* ∝ C^{b:.2f} (Chinchilla: 0.50, 0.50); loss frontier L* ∝ C^-{alpha:.3f}")
+        print(f"N* ∝ C^{a:.2f}, D* ∝ C^{b:.2f} (Chinchilla: 0.50, 0.50); loss frontier L* ∝ C^-{alpha:.3f}" +
+              f" (unreliable: {edges} of the {len(optima)} optima lie at the edge)" * bool(edges))
     else:
         print("one budget: no exponent to fit; give two or more --sweep-budgets for how N* and D* grow with C")
     plot_sweep(runs, optima, os.path.join(cfg.out_dir, "sweep.png"))

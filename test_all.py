@@ -2741,6 +2741,9 @@ def test_scaling_sweep_miniature_runs_end_to_end(tmp_path, capsys, monkeypatch):
         assert r["val_loss"] == pytest.approx(last_eval["val_loss"], abs=1e-5)
     assert len(re.findall(r"^ +[24]e\+07 +(8|16) ", out, re.M)) == 4  # one printed row per run
     assert "N* ∝ C^" in out and "tokens per parameter" in out
+    # two widths: each budget's best is one of them, an edge, so neither the valley's floor nor the law is seen
+    assert out.count("(at the edge of the widths tried: widen --sweep-widths") == 2
+    assert "(unreliable: 2 of the 2 optima lie at the edge)" in out
     assert_png(tmp_path / "sweep" / "sweep.png")
     gpt.main(argv)  # again: every run is already done and is not trained twice
     out = capsys.readouterr().out
