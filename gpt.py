@@ -12,10 +12,10 @@ does that teaches something; it calls the machinery by names that say what they 
   Part I    The GPT (line 58). Config; data: text -> token ids -> batches; the model: attention as the
             formula, then with a cache and grouped-query heads, the block, the GPT and what modern models
             changed; generation; training: the schedule, AdamW and Muon, evaluation, the loop.
-  Part II   Further lessons (line 803). The real GPT-2 in this model; FlashAttention-2 and the attention
+  Part II   Further lessons (line 802). The real GPT-2 in this model; FlashAttention-2 and the attention
             benchmark; experiments: loss curves, scaling laws, embeddings, ablations; looking inside: attention
             from the ground up, a checkpoint measured on any text, its heads; the data benchmark.
-  Part III  Machinery (line 2309). What a user relies on and a learner may skip: token files, checkpoints
+  Part III  Machinery (line 2310). What a user relies on and a learner may skip: token files, checkpoints
             never lost, the out-dir lock, signals and pipes, torchrun, the command line, main().
 """
 import argparse
@@ -545,10 +545,9 @@ def start_ids(tokenizer, prompt=""):
 
 def print_sample(model, tokenizer, cfg, device):
     """A sample after --prompt, or after start_ids, which stay unshown, printed as it comes; then its speed."""
-    prompt_ids = start_ids(tokenizer, cfg.prompt)
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    idx = torch.tensor([start_ids(tokenizer, cfg.prompt)], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    shown = 0 if cfg.prompt else len(prompt_ids)  # tokens printed so far
+    shown = 0 if cfg.prompt else idx.size(1)  # tokens printed so far
 
     def show(idx, last=False):  # print the tokens not shown yet; a BPE token may end inside a character: it waits
         nonlocal shown
@@ -763,7 +762,7 @@ def finish(run, rt, stopped, step_loss):
         m, n_params = run.model.cfg, sum(p.numel() for p in run.model.parameters())
         plot_losses(log, png, f"{n_params / 1e6:.2f} M parameters ({layers(m)}, {m.n_embd} wide) on "
                               f"{os.path.basename(os.path.normpath(run.cfg.input))}")
-    if rt.master and not stopped and run.cfg.max_new_tokens > 0:
+    if rt.master and not (stopped or rt.stop["requested"]) and run.cfg.max_new_tokens > 0:  # a signal in the last eval
         print_sample(run.model, run.data.tokenizer, run.cfg, rt.device)
     if not stopped:
         rt.log(f"saved {ckpt}, {log}" + f" and {png}" * run.cfg.plot)
@@ -834,6 +833,8 @@ READING_STUDIES = {"evaluate": {"out_dir", "device", "seed", "prompt", "init_fro
 
 def run_study(cfg, model_cfg, given, lab):
     """python gpt.py --<study>: the one study asked for; an option without its study would do nothing: refused."""
+    if "evaluate" in given and not lab.evaluate:  # say, an unset shell variable: no text, not a training run
+        raise ValueError("--evaluate needs a text: a file, a directory or a quoted glob")
     options = {option: study for study, names in STUDY_OPTIONS.items() for option in names}
     studies = [name for name in LAB_FLAGS - set(options) if getattr(lab, name)]
     for option in given & set(options):
@@ -935,7 +936,7 @@ def tensor_at(data, start, name, entry):
     if dtype is None:
         raise NotImplementedError(f"tensor {name} is {entry['dtype']}; this reader takes "
                                   f"{', '.join(SAFETENSORS_DTYPES)}")
-    if not all(isinstance(size, int) and size >= 0 for size in shape) or not 0 <= begin <= end <= len(data) - start \
+    if not all(type(size) is int and size >= 0 for size in shape) or not 0 <= begin <= end <= len(data) - start \
             or end - begin != math.prod(shape) * dtype.itemsize:
         raise ValueError(f"tensor {name}: bytes {begin}..{end} of {len(data) - start} for {shape} {entry['dtype']}")
     if math.prod(shape) == 0:  # frombuffer reads at least one element
@@ -2679,10 +2680,10 @@ def describe(data, model, cfg, rt):
     m = model.cfg
     rt.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({layers(m)}, {m.n_head} heads, "
            f"{m.n_embd} wide, block {m.block_size}) on {rt.device}")
-    start_ids(data.tokenizer, cfg.prompt)  # a --prompt it cannot encode: said now, not after training
-    if cfg.warmup_iters > cfg.max_iters > 0 and rt.master:  # the run's own settings, a resumed one's too
-        print(f"note: --warmup-iters {cfg.warmup_iters} is longer than --max-iters {cfg.max_iters}: the learning rate "
-              "never reaches its peak", file=sys.stderr)
+    start_ids(data.tokenizer, cfg.prompt if cfg.max_new_tokens else "")  # a bad --prompt: said now, not after training
+    if cfg.warmup_iters > cfg.max_iters > 0:  # the run's own settings, a resumed one's too (an experiment's: unseen)
+        rt.log(f"note: --warmup-iters {cfg.warmup_iters} is longer than --max-iters {cfg.max_iters}: the learning "
+               "rate never reaches its peak")
 
 
 # ---- Checkpoints: everything to resume exactly or to sample, never lost -----------------------------
@@ -3240,7 +3241,8 @@ def run_command_line(main):
     """main() as a well-behaved Unix tool: each line reaches a pipe as it is printed; bad input ends in one line,
     `error: ...`, Ctrl-C in `interrupted`, and a reader that stops reading (`| head`) ends it quietly."""
     sys.stdout.reconfigure(line_buffering=True)
-    signal.signal(signal.SIGTERM, interrupt)  # kill, job schedulers: as Ctrl-C (the loop saves first, below)
+    if "RANK" not in os.environ:  # kill, job schedulers: as Ctrl-C (torchrun's agent keeps its own ways)
+        signal.signal(signal.SIGTERM, interrupt)
     try:
         main()
     except ValueError as err:
@@ -3359,7 +3361,7 @@ def main(argv=None):
     model_cfg, cfg, given, lab = parse_args(argv)
     if cfg.sample:
         sample(cfg, given, model_cfg.attention if "attention" in given else None)
-    elif any(getattr(lab, name) for name in given & LAB_FLAGS):  # --no-sweep, --bench-data 0: none asked for
+    elif any(getattr(lab, name) for name in given & LAB_FLAGS) or "evaluate" in given:  # --no-sweep: no study
         run_study(cfg, model_cfg, given, lab)  # a study instead of training (Part II)
     else:
         train(cfg, model_cfg, given)

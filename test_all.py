@@ -2751,6 +2751,23 @@ def test_scaling_sweep_miniature_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert len(gpt.read_csv(tmp_path / "sweep" / "sweep.csv")) == 4
 
 
+def test_sweep_says_when_a_budgets_best_size_is_at_the_edge_of_the_widths(tmp_path, monkeypatch, capsys):
+    """Losses made up (a valley in log width): at 3e9 its floor is the middle width, at 6e9 past the largest."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(SHAKESPEARE_BIT, encoding="utf-8")
+    floor = {3e9: 16, 6e9: 200}
+
+    def made_up_run(cfg, m, budget, run_dir):
+        n = gpt.matmul_params(m)
+        return dict(flops=budget, width=m.n_embd, n=n, params=n, steps=1, tokens=budget / (6 * n), seconds=0.0,
+                    val_loss=1.0 + math.log(m.n_embd / floor[budget]) ** 2)
+    monkeypatch.setattr(gpt, "sweep_run", made_up_run)
+    gpt.main(["--input", "tiny.txt", *TINY_FLAGS, "--sweep", "--sweep-budgets", "3e9,6e9", "--sweep-widths", "8,16,24",
+              "--out-dir", "sweep"])
+    found = [line for line in capsys.readouterr().out.splitlines() if line.startswith("C = ")]
+    assert len(found) == 2 and "at the edge" not in found[0] and "at the edge of the widths tried" in found[1]
+
+
 def test_embedding_neighbours_and_groups_of_a_hand_made_table():
     emb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.1, 0.9]])
     neighbours = gpt.cosine_neighbours(emb, [0, 2], k=2)
@@ -2834,13 +2851,26 @@ def test_resume_refuses_what_it_cannot_change_and_a_finished_run(tmp_path, monke
         assert gpt_error([*run, "--resume", *flags]).startswith(message), flags
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == good
     gpt.main(["--resume", "--max-iters", "4", "--max-new-tokens", "0"])  # warmup 1 from the checkpoint: no note
-    assert "note:" not in capsys.readouterr().err
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_a_prompt_it_cannot_encode_is_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     message = gpt_error([*tiny_run_flags(tmp_path), "--max-iters", "2", "--max-new-tokens", "5", "--prompt", "é"])
     assert "'é'" in message and not (tmp_path / "out" / "ckpt.pt").exists()
+    gpt.main([*tiny_run_flags(tmp_path), "--max-iters", "1", "--max-new-tokens", "0", "--prompt", "é"])  # no sample
+
+
+def test_a_stop_asked_during_the_last_evaluation_skips_the_sample(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    evaluate_and_save = gpt.evaluate_and_save
+
+    def signalled_during_the_last(run, rt):
+        evaluate_and_save(run, rt)
+        rt.stop["requested"] = run.step == run.cfg.max_iters  # as Ctrl-C or SIGTERM there would
+    monkeypatch.setattr(gpt, "evaluate_and_save", signalled_during_the_last)
+    gpt.main([*tiny_run_flags(tmp_path), "--max-iters", "2", "--eval-interval", "2", "--max-new-tokens", "50"])
+    assert "generated 50 tokens" not in capsys.readouterr().out and (tmp_path / "out" / "ckpt.pt").exists()
 
 
 def test_an_off_study_flag_trains_and_a_study_says_which_flags_it_ignores(tmp_path, monkeypatch, capsys):
@@ -2849,6 +2879,7 @@ def test_an_off_study_flag_trains_and_a_study_says_which_flags_it_ignores(tmp_pa
     assert "step 2:" in capsys.readouterr().out and (tmp_path / "out" / "ckpt.pt").exists()
     gpt.main(["--explain-attention", "--n-embd", "64"])
     assert capsys.readouterr().err == "note: --explain-attention ignores --n-embd\n"
+    assert gpt_error(["--evaluate", ""]) == "--evaluate needs a text: a file, a directory or a quoted glob"
 
 
 def test_sigterm_ends_any_command_as_ctrl_c_does():
@@ -2893,7 +2924,7 @@ def test_a_refused_run_changes_nothing_of_the_old_one(tmp_path, monkeypatch, cap
 def test_flags_that_would_do_less_than_they_say_are_pointed_out(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     gpt.main([*tiny_run_flags(tmp_path), "--max-iters", "2", "--eval-interval", "2", "--warmup-iters", "5"])
-    assert "note: --warmup-iters 5 is longer than --max-iters 2" in capsys.readouterr().err
+    assert "note: --warmup-iters 5 is longer than --max-iters 2" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # refused: a BPE setting for a character model would do nothing
         gpt.parse_args(["--vocab-size", "400"])
     assert "--vocab-size and --bpe-sample-mb are for --tokenizer bpe" in capsys.readouterr().err
@@ -3152,12 +3183,14 @@ def test_gpt2_weights_read_as_safetensors_writes_them_and_bad_files_are_one_line
     from safetensors.torch import save_file  # the reference writer (transformers needs it)
     tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
                "i64": torch.arange(-3, 3), "bool": torch.rand(7) > 0.5, "u8": torch.arange(250, 256, dtype=torch.uint8),
+               "one": torch.ones(1, dtype=torch.uint8),
                "empty": torch.zeros(0, 4)}
     save_file(tensors, tmp_path / "any.safetensors", metadata={"format": "pt"})
     read = gpt.read_safetensors(tmp_path / "any.safetensors")
     assert all(torch.equal(read[name], tensors[name]) for name in tensors) and read.keys() == tensors.keys()
     for edit, message in [(lambda h: h["f32"].update(dtype="F8_E4M3"), "tensor f32 is F8_E4M3; this reader takes F64, "),
-                          (lambda h: h["empty"].update(shape=[-1, 0]), "truncated or corrupt safetensors file (tensor empty")]:
+                          (lambda h: h["empty"].update(shape=[-1, 0]), "truncated or corrupt safetensors file (tensor empty"),
+                          (lambda h: h["one"].update(shape=[True]), "truncated or corrupt safetensors file (tensor one")]:
         rewrite_safetensors(tmp_path / "any.safetensors", tmp_path / "edited.safetensors", edit)
         with pytest.raises(ValueError, match=re.escape(message)) as info:
             gpt.read_safetensors(tmp_path / "edited.safetensors")
