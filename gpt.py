@@ -2181,7 +2181,7 @@ def print_heads(tally, induction):
 def plot_attention(model, tokenizer, prompt, png_path):
     """attention.png: every head of every layer on the prompt's first block_size tokens, a heat map each (row:
     the token attending; column: the token attended to). Tokens label the outer axes only."""
-    ids = tokenizer.encode(prompt, allowed_special="all")[:model.cfg.block_size]
+    ids = start_ids(tokenizer, prompt)[:model.cfg.block_size]  # NFC, as --prompt is everywhere
     with recorded_attention(model) as maps:
         model(torch.tensor([ids], device=model.wte.weight.device))
     labels, ticks = [repr(tokenizer.decode([i]))[1:-1] for i in ids], range(len(ids))

@@ -3501,6 +3501,14 @@ def test_evaluation_in_smaller_batches_gives_the_same_numbers(tmp_path, monkeypa
     assert len(progress) == len(gpt.sliding_windows(len(losses) + 1, 16, 8)) and progress[-1] == f"{len(losses):,}"
 
 
+def test_attention_png_takes_a_prompt_in_either_unicode_form(tmp_path):
+    """é typed as e + a combining accent is the model's one character é, in attention.png as in --sample."""
+    tokenizer = gpt.CharTokenizer("acfé")
+    model = tiny_gpt(vocab_size=4)
+    gpt.plot_attention(model, tokenizer, "cafe\u0301", str(tmp_path / "attention.png"))
+    assert_png(tmp_path / "attention.png")
+
+
 def test_head_statistics_of_a_previous_token_a_line_start_and_an_induction_head():
     text = "ab\ncde\nfgh"  # lines start at 0, 3 and 7
     T, newline = len(text), torch.tensor([c == "\n" for c in text])
