@@ -1985,9 +1985,10 @@ def score_document(model, ids, newline, tally, report=lambda tokens: None):
         batch = windows[i:i + per_batch]
         x, y = (torch.stack([data[s + j:s + j + T] for s, _ in batch]).to(device) for j in (0, 1))  # (B, T) each
         unscored = torch.arange(T, device=device) < torch.tensor([first for _, first in batch], device=device)[:, None]
+        line_ends = newline[x][:, None]  # (B, 1, T): once per batch, not per layer
 
         def measured(weights):  # (B, nh, T, T) -> the sums and counts of the four measures on the rows scored
-            m = attention_measures(weights, newline[x][:, None]).masked_fill(unscored[:, None, :, None], math.nan)
+            m = attention_measures(weights, line_ends).masked_fill(unscored[:, None, :, None], math.nan)
             return m.nansum(dim=(0, 2)).cpu(), m.isnan().logical_not().sum(dim=(0, 2)).cpu()  # (nh, 4) each
 
         with recorded_attention(model, measured) as measures:
