@@ -15,7 +15,7 @@ does that teaches something; it calls the machinery by names that say what they 
   Part II   Further lessons (line 802). The real GPT-2 in this model; FlashAttention-2 and the attention
             benchmark; experiments: loss curves, scaling laws, embeddings, ablations; looking inside: attention
             from the ground up, a checkpoint measured on any text, its heads; the data benchmark.
-  Part III  Machinery (line 2310). What a user relies on and a learner may skip: token files, checkpoints
+  Part III  Machinery (line 2311). What a user relies on and a learner may skip: token files, checkpoints
             never lost, the out-dir lock, signals and pipes, torchrun, the command line, main().
 """
 import argparse
